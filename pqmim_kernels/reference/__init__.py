@@ -1,0 +1,1 @@
+"""Eager reference implementations: the spec, the CPU fallback and the benchmark baseline."""
