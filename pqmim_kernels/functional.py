@@ -24,7 +24,7 @@ __all__ = ["BACKENDS", "resolve_backend", "triton_available"]
 BACKENDS = ("auto", "triton", "reference")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when ``import triton`` works in this process."""
     try:
@@ -59,3 +59,9 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, op: str = "op") -> str
             "interpreter); got tensors on " + ", ".join(sorted({str(t.device) for t in tensors}))
         )
     return "triton"
+
+
+# ---- product quantization: pq_assign, pq_quantize ----
+
+
+# ---- masked attention: masked_attention ----

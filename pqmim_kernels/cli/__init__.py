@@ -1,0 +1,1 @@
+"""The ``pqmim`` command line tool (see :mod:`pqmim_kernels.cli.main`)."""
