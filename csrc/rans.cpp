@@ -1,0 +1,463 @@
+// rANS coder core. Layout and parameters are described in rans.hpp.
+#include "rans.hpp"
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <exception>
+#include <thread>
+
+namespace pqmim::rans {
+namespace {
+
+std::string row_msg(const char* what, int64_t row) {
+  return std::string(what) + " row " + std::to_string(row);
+}
+
+// Runs fn(lo, hi) over [0, n) split into contiguous chunks, one thread per chunk. If chunks
+// throw, the exception of the lowest chunk wins, so the reported row is the first bad one.
+template <class Fn>
+void parallel_for(int64_t n, int threads, int64_t work_per_item, Fn fn) {
+  constexpr int64_t kMinWorkPerThread = int64_t{1} << 16;
+  int64_t useful = std::max<int64_t>(1, (n * work_per_item) / kMinWorkPerThread);
+  int t = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(threads), useful, n}));
+  if (t <= 1) {
+    if (n > 0) fn(int64_t{0}, n);
+    return;
+  }
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(t));
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(t - 1));
+  auto run = [&](int c) {
+    int64_t lo = n * c / t, hi = n * (c + 1) / t;
+    try {
+      fn(lo, hi);
+    } catch (...) {
+      errors[static_cast<size_t>(c)] = std::current_exception();
+    }
+  };
+  for (int c = 1; c < t; ++c) pool.emplace_back(run, c);
+  run(0);
+  for (auto& th : pool) th.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+void check_symbol(int64_t s, int64_t k, int64_t i) {
+  if (s < 0 || s >= k)
+    throw Error("symbols[" + std::to_string(i) + "] = " + std::to_string(s) +
+                " is out of range [0, " + std::to_string(k) + ")");
+}
+
+void check_alphabet(int64_t k, int precision) {
+  if (k < 1) throw Error("alphabet size K must be >= 1, got " + std::to_string(k));
+  if (k > (int64_t{1} << precision))
+    throw Error("alphabet size K = " + std::to_string(k) + " exceeds 2^precision = " +
+                std::to_string(int64_t{1} << precision) +
+                " (every symbol needs a frequency >= 1); raise the precision");
+}
+
+void put_u32(uint8_t* p, uint32_t v) {
+  for (int b = 0; b < 4; ++b) p[b] = static_cast<uint8_t>(v >> (8 * b));
+}
+
+uint64_t get_le(const uint8_t* p, int bytes) {
+  uint64_t v = 0;
+  for (int b = 0; b < bytes; ++b) v |= uint64_t{p[b]} << (8 * b);
+  return v;
+}
+
+// Reverse-order (last symbol first) interleaved encoding. Each lane's symbols are encoded in
+// the reverse of the order its decoder consumes them and every emitted word is pushed on a
+// stack (`out`, filled upwards); the decoder pops them, i.e. reads the stack top-down.
+template <int W>
+size_t encode_lanes(const uint32_t* start, const uint32_t* freq, int64_t n, int precision,
+                    uint64_t* state, uint32_t* out) {
+  // A state x may absorb a symbol of frequency f without leaving [kLow, kLow * 2^32) iff
+  // x < (kLow >> P << 32) * f; otherwise its low word is flushed first (once is enough).
+  const uint64_t bound = (kLow >> precision) << 32;
+  size_t w = 0;
+  auto put = [&](uint64_t& x, uint32_t s, uint32_t f) {
+    if (x >= bound * f) {
+      out[w++] = static_cast<uint32_t>(x);
+      x >>= 32;
+    }
+    x = ((x / f) << precision) + (x % f) + s;
+  };
+  int64_t full = n - n % W;
+  for (int64_t j = n - 1; j >= full; --j) put(state[j % W], start[j], freq[j]);
+  for (int64_t g = full - W; g >= 0; g -= W)
+    for (int l = W - 1; l >= 0; --l) put(state[l], start[g + l], freq[g + l]);
+  return w;
+}
+
+}  // namespace
+
+void check_precision(int precision) {
+  if (precision < 1 || precision > kMaxPrecision)
+    throw Error("precision must be in [1, " + std::to_string(kMaxPrecision) + "], got " +
+                std::to_string(precision));
+}
+
+// Spec (kept byte-identical with pqmim_kernels.reference.rans.quantize_probs; every float
+// operation is one IEEE float32 operation, compiled with -ffp-contract=off so no FMA):
+//  1. m = max p, a = first index of m; m = frac * 2^e with frac in [0.5, 1) (frexp).
+//  2. t_i = floor(p_i * 2^(24 - e)): integers in [0, 2^24), exact scaling by a power of two,
+//     so T = sum t_i is an exact integer sum and independent of summation order.
+//  3. s = float(2^P) / float(T); f_i = max(1, floor(float(t_i) * s)); d = 2^P - sum f_i.
+//     If f_a + d >= 1: f_a += d, done (the usual case: the top symbol absorbs the residue).
+//  4. Otherwise (many symbols bumped to 1, only possible when K^2 >~ 2^P): reserve 1 per
+//     symbol, s = float(2^P - K) / float(T), f_i = 1 + floor(float(t_i) * s),
+//     d = 2^P - sum f_i; if d >= 0: f_a += d, else remove the excess one symbol at a time in
+//     index order, taking at most f_i - 1 from each.
+void quantize_row(const float* p, int64_t k, int precision, uint32_t* f, int64_t row) {
+  float m = 0.0f;
+  bool bad = false;
+  for (int64_t i = 0; i < k; ++i) {
+    float v = p[i];
+    bad |= !(v >= 0.0f && v <= FLT_MAX);  // NaN fails both comparisons
+    m = v > m ? v : m;
+  }
+  if (bad) throw Error(row_msg("probs", row) + " contains NaN, infinite or negative values");
+  if (m == 0.0f) throw Error(row_msg("probs", row) + " sums to zero (all probabilities are 0)");
+  int e = 0;
+  std::frexp(m, &e);
+  // 2^(24 - e) can exceed the float range for tiny m (e down to -148): split into two exact
+  // power-of-two factors; the first product is normal and exact, the second exact too.
+  int sh = 24 - e;
+  float c1 = std::ldexp(1.0f, std::min(sh, 127));
+  float c2 = std::ldexp(1.0f, std::max(sh - 127, 0));
+  int64_t total = 0;
+  int64_t a = -1;
+  for (int64_t i = 0; i < k; ++i) {
+    float t = std::floor((p[i] * c1) * c2);
+    total += static_cast<int64_t>(t);
+  }
+  for (int64_t i = 0; i < k; ++i)
+    if (p[i] == m) {
+      a = i;
+      break;
+    }
+  const int64_t M = int64_t{1} << precision;
+  const float tf = static_cast<float>(total);
+  float s = static_cast<float>(M) / tf;
+  int64_t sum = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    float t = std::floor((p[i] * c1) * c2);
+    float q = std::floor(t * s);
+    q = q < 1.0f ? 1.0f : q;
+    f[i] = static_cast<uint32_t>(q);
+    sum += f[i];
+  }
+  int64_t d = M - sum;
+  if (static_cast<int64_t>(f[a]) + d >= 1) {
+    f[a] = static_cast<uint32_t>(static_cast<int64_t>(f[a]) + d);
+    return;
+  }
+  s = static_cast<float>(M - k) / tf;
+  sum = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    float t = std::floor((p[i] * c1) * c2);
+    f[i] = 1u + static_cast<uint32_t>(std::floor(t * s));
+    sum += f[i];
+  }
+  d = M - sum;
+  if (d >= 0) {
+    f[a] += static_cast<uint32_t>(d);
+    return;
+  }
+  for (int64_t i = 0; i < k && d < 0; ++i) {
+    int64_t take = std::min<int64_t>(f[i] - 1, -d);
+    f[i] -= static_cast<uint32_t>(take);
+    d += take;
+  }
+}
+
+void quantize_probs(const float* probs, int64_t n, int64_t k, int precision, int32_t* cdfs,
+                    int num_threads) {
+  check_precision(precision);
+  check_alphabet(k, precision);
+  parallel_for(n, num_threads, k, [&](int64_t lo, int64_t hi) {
+    std::vector<uint32_t> f(static_cast<size_t>(k));
+    for (int64_t r = lo; r < hi; ++r) {
+      quantize_row(probs + r * k, k, precision, f.data(), r);
+      int32_t* c = cdfs + r * (k + 1);
+      uint32_t acc = 0;
+      c[0] = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        acc += f[i];
+        c[i + 1] = static_cast<int32_t>(acc);
+      }
+    }
+  });
+}
+
+void check_cdf_table(const int32_t* table, int64_t rows, int64_t k, int precision) {
+  check_alphabet(k, precision);
+  const int64_t M = int64_t{1} << precision;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* c = table + r * (k + 1);
+    if (c[0] != 0 || c[k] != M)
+      throw Error(row_msg("cdf_table", r) + " must start at 0 and end at 2^precision = " +
+                  std::to_string(M) + ", got " + std::to_string(c[0]) + " .. " +
+                  std::to_string(c[k]));
+    for (int64_t i = 0; i < k; ++i)
+      if (c[i] >= c[i + 1])
+        throw Error(row_msg("cdf_table", r) + " is not strictly increasing at entry " +
+                    std::to_string(i + 1));
+  }
+}
+
+// ----------------------------------------------------------------------------------------
+// Encoder
+
+Encoder::Encoder(int precision, int lanes, int num_threads)
+    : precision_(precision), lanes_(lanes), num_threads_(std::max(1, num_threads)) {
+  check_precision(precision);
+  if (lanes != 0 && lanes != 1 && lanes != 2 && lanes != 4 && lanes != 8)
+    throw Error("lanes must be 0 (automatic), 1, 2, 4 or 8, got " + std::to_string(lanes));
+}
+
+void Encoder::push_probs(const int64_t* symbols, const float* probs, int64_t n, int64_t k) {
+  check_alphabet(k, precision_);
+  size_t base = start_.size();
+  start_.resize(base + static_cast<size_t>(n));
+  freq_.resize(base + static_cast<size_t>(n));
+  try {
+    parallel_for(n, num_threads_, k, [&](int64_t lo, int64_t hi) {
+      std::vector<uint32_t> f(static_cast<size_t>(k));
+      for (int64_t r = lo; r < hi; ++r) {
+        int64_t s = symbols[r];
+        check_symbol(s, k, r);
+        quantize_row(probs + r * k, k, precision_, f.data(), r);
+        uint32_t c = 0;
+        for (int64_t i = 0; i < s; ++i) c += f[i];
+        start_[base + r] = c;
+        freq_[base + r] = f[s];
+      }
+    });
+  } catch (...) {
+    start_.resize(base);  // a failed call leaves the encoder as it was
+    freq_.resize(base);
+    throw;
+  }
+}
+
+void Encoder::push_cdfs(const int64_t* symbols, const int32_t* cdfs, int64_t n, int64_t k) {
+  check_alphabet(k, precision_);
+  const int64_t M = int64_t{1} << precision_;
+  // Only the entries the coder uses are checked (a full check would read the whole (N, K+1)
+  // array, several times the cost of coding); the decoder re-checks what it uses.
+  for (int64_t r = 0; r < n; ++r) {
+    int64_t s = symbols[r];
+    check_symbol(s, k, r);
+    const int32_t* c = cdfs + r * (k + 1);
+    if (c[0] != 0 || c[k] != M || c[s] < 0 || c[s] >= c[s + 1] || c[s + 1] > M)
+      throw Error(row_msg("cdfs", r) + " is not a valid CDF for symbol " + std::to_string(s) +
+                  " (rows must increase strictly from 0 to 2^precision = " +
+                  std::to_string(M) + ")");
+  }
+  size_t base = start_.size();
+  start_.resize(base + static_cast<size_t>(n));
+  freq_.resize(base + static_cast<size_t>(n));
+  for (int64_t r = 0; r < n; ++r) {
+    const int32_t* c = cdfs + r * (k + 1);
+    int64_t s = symbols[r];
+    start_[base + r] = static_cast<uint32_t>(c[s]);
+    freq_[base + r] = static_cast<uint32_t>(c[s + 1] - c[s]);
+  }
+}
+
+void Encoder::push_indexed(const int64_t* symbols, const int64_t* indexes, int64_t n,
+                           const int32_t* table, int64_t tables, int64_t k) {
+  check_cdf_table(table, tables, k, precision_);
+  for (int64_t r = 0; r < n; ++r) {
+    check_symbol(symbols[r], k, r);
+    if (indexes[r] < 0 || indexes[r] >= tables)
+      throw Error("indexes[" + std::to_string(r) + "] = " + std::to_string(indexes[r]) +
+                  " is out of range [0, " + std::to_string(tables) + ")");
+  }
+  size_t base = start_.size();
+  start_.resize(base + static_cast<size_t>(n));
+  freq_.resize(base + static_cast<size_t>(n));
+  for (int64_t r = 0; r < n; ++r) {
+    const int32_t* c = table + indexes[r] * (k + 1) + symbols[r];
+    start_[base + r] = static_cast<uint32_t>(c[0]);
+    freq_[base + r] = static_cast<uint32_t>(c[1] - c[0]);
+  }
+}
+
+std::vector<uint8_t> Encoder::finish() {
+  const int64_t n = pending();
+  std::vector<uint8_t> bytes;
+  if (n == 0) return bytes;
+  int lanes = lanes_ != 0 ? lanes_ : (n >= kInterleaveMinSymbols ? kWideLanes : 1);
+  uint64_t state[kWideLanes];
+  std::fill(state, state + kWideLanes, kLow);
+  std::vector<uint32_t> stack(static_cast<size_t>(n));  // at most one word per symbol
+  size_t words = 0;
+  switch (lanes) {
+    case 1: words = encode_lanes<1>(start_.data(), freq_.data(), n, precision_, state, stack.data()); break;
+    case 2: words = encode_lanes<2>(start_.data(), freq_.data(), n, precision_, state, stack.data()); break;
+    case 4: words = encode_lanes<4>(start_.data(), freq_.data(), n, precision_, state, stack.data()); break;
+    default: words = encode_lanes<8>(start_.data(), freq_.data(), n, precision_, state, stack.data()); break;
+  }
+  // Lane 0 is written in as few bytes as its value needs (5..8; states are >= 2^31 so 4
+  // bytes never suffice), the decoder infers the count from the length modulo 4.
+  int len0 = 5;
+  while (len0 < 8 && (state[0] >> (8 * len0)) != 0) ++len0;
+  bytes.resize(1 + len0 + 8 * static_cast<size_t>(lanes - 1) + 4 * words);
+  int log2_lanes = lanes == 1 ? 0 : lanes == 2 ? 1 : lanes == 4 ? 2 : 3;
+  bytes[0] = static_cast<uint8_t>(log2_lanes | ((precision_ - 1) << 3));
+  uint8_t* p = bytes.data() + 1;
+  for (int b = 0; b < len0; ++b) *p++ = static_cast<uint8_t>(state[0] >> (8 * b));
+  for (int l = 1; l < lanes; ++l)
+    for (int b = 0; b < 8; ++b) *p++ = static_cast<uint8_t>(state[l] >> (8 * b));
+  for (size_t i = words; i-- > 0; p += 4) put_u32(p, stack[i]);
+  start_.clear();
+  freq_.clear();
+  start_.shrink_to_fit();
+  freq_.shrink_to_fit();
+  return bytes;
+}
+
+// ----------------------------------------------------------------------------------------
+// Decoder
+
+Decoder::Decoder(const uint8_t* data, size_t size, int precision, int num_threads)
+    : data_(data, data + size), precision_(precision), num_threads_(std::max(1, num_threads)) {
+  check_precision(precision);
+  std::fill(state_, state_ + kWideLanes, kLow);
+  if (size == 0) return;  // the stream of zero symbols
+  uint8_t h = data_[0];
+  lanes_ = 1 << (h & 3);
+  int stream_precision = (h >> 3) + 1;
+  if (h & 4) throw Error("not a rANS stream: reserved header bit is set");
+  if (stream_precision != precision)
+    throw Error("stream was written with precision " + std::to_string(stream_precision) +
+                " but the decoder uses precision " + std::to_string(precision) +
+                " (or the bytes are not a rANS stream)");
+  size_t fixed = 1 + 8 * static_cast<size_t>(lanes_ - 1);
+  if (size < fixed + 5)
+    throw Error("rANS stream is truncated: " + std::to_string(size) + " bytes is shorter "
+                "than its header and states");
+  static constexpr int kLen0[4] = {8, 5, 6, 7};
+  int len0 = kLen0[(size - fixed) % 4];
+  pos_ = 1;
+  state_[0] = get_le(data_.data() + pos_, len0);
+  pos_ += static_cast<size_t>(len0);
+  for (int l = 1; l < lanes_; ++l, pos_ += 8) state_[l] = get_le(data_.data() + pos_, 8);
+  for (int l = 0; l < lanes_; ++l)
+    if (state_[l] < kLow || state_[l] >= (kLow << 32))
+      throw Error("corrupt rANS stream: initial state of lane " + std::to_string(l) +
+                  " is out of range");
+}
+
+uint32_t Decoder::read_word() {
+  if (data_.size() - pos_ < 4)
+    throw Error("rANS stream is truncated or corrupt: ran out of bytes after decoding " +
+                std::to_string(count_) + " symbols");
+  uint32_t w = static_cast<uint32_t>(get_le(data_.data() + pos_, 4));
+  pos_ += 4;
+  return w;
+}
+
+void Decoder::need_stream(int64_t n) const {
+  if (n > 0 && data_.empty())
+    throw Error("cannot decode " + std::to_string(n) +
+                " symbols from an empty rANS stream (it holds zero symbols)");
+}
+
+namespace {
+// One decode step for lane state x given the symbol's interval [start, start + freq).
+inline void advance(uint64_t& x, uint64_t slot, uint32_t start, uint32_t freq, int precision) {
+  x = freq * (x >> precision) + slot - start;
+}
+}  // namespace
+
+void Decoder::pop_probs(const float* probs, int64_t n, int64_t k, int64_t* out) {
+  check_alphabet(k, precision_);
+  need_stream(n);
+  const uint64_t mask = (uint64_t{1} << precision_) - 1;
+  // Rows are quantised in blocks by all threads (their frequencies do not depend on the
+  // stream), then the block is decoded serially.
+  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t{1} << 20) / k));
+  std::vector<uint32_t> freqs(static_cast<size_t>(block * k));
+  for (int64_t b0 = 0; b0 < n; b0 += block) {
+    int64_t b1 = std::min(n, b0 + block);
+    parallel_for(b1 - b0, num_threads_, k, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r)
+        quantize_row(probs + (b0 + r) * k, k, precision_, freqs.data() + r * k, b0 + r);
+    });
+    for (int64_t r = b0; r < b1; ++r) {
+      uint64_t& x = state_[count_ % lanes_];
+      uint64_t slot = x & mask;
+      const uint32_t* f = freqs.data() + (r - b0) * k;
+      uint64_t c = 0;
+      int64_t s = 0;
+      while (c + f[s] <= slot) c += f[s++];  // f sums to 2^P > slot, so s stays < k
+      advance(x, slot, static_cast<uint32_t>(c), f[s], precision_);
+      if (x < kLow) x = (x << 32) | read_word();
+      out[r] = s;
+      ++count_;
+    }
+  }
+}
+
+void Decoder::pop_cdfs(const int32_t* cdfs, int64_t n, int64_t k, int64_t* out) {
+  check_alphabet(k, precision_);
+  need_stream(n);
+  const int64_t M = int64_t{1} << precision_;
+  const uint64_t mask = static_cast<uint64_t>(M - 1);
+  for (int64_t r = 0; r < n; ++r) {
+    const int32_t* c = cdfs + r * (k + 1);
+    uint64_t& x = state_[count_ % lanes_];
+    int64_t slot = static_cast<int64_t>(x & mask);
+    // Largest s with c[s] <= slot, found in c[1..k) (valid rows have c[0] = 0 <= slot).
+    int64_t s = std::upper_bound(c + 1, c + k, static_cast<int32_t>(slot)) - (c + 1);
+    if (c[0] != 0 || c[k] != M || !(c[s] <= slot && slot < c[s + 1]))
+      throw Error(row_msg("cdfs", r) + " is not a valid CDF (rows must increase strictly "
+                  "from 0 to 2^precision = " + std::to_string(M) + ")");
+    advance(x, static_cast<uint64_t>(slot), static_cast<uint32_t>(c[s]),
+            static_cast<uint32_t>(c[s + 1] - c[s]), precision_);
+    if (x < kLow) x = (x << 32) | read_word();
+    out[r] = s;
+    ++count_;
+  }
+}
+
+void Decoder::pop_indexed(const int64_t* indexes, int64_t n, const int32_t* table,
+                          int64_t tables, int64_t k, int64_t* out) {
+  check_cdf_table(table, tables, k, precision_);
+  for (int64_t r = 0; r < n; ++r)
+    if (indexes[r] < 0 || indexes[r] >= tables)
+      throw Error("indexes[" + std::to_string(r) + "] = " + std::to_string(indexes[r]) +
+                  " is out of range [0, " + std::to_string(tables) + ")");
+  need_stream(n);
+  const uint64_t mask = (uint64_t{1} << precision_) - 1;
+  for (int64_t r = 0; r < n; ++r) {
+    const int32_t* c = table + indexes[r] * (k + 1);
+    uint64_t& x = state_[count_ % lanes_];
+    int32_t slot = static_cast<int32_t>(x & mask);
+    int64_t s = std::upper_bound(c + 1, c + k, slot) - (c + 1);
+    advance(x, static_cast<uint64_t>(slot), static_cast<uint32_t>(c[s]),
+            static_cast<uint32_t>(c[s + 1] - c[s]), precision_);
+    if (x < kLow) x = (x << 32) | read_word();
+    out[r] = s;
+    ++count_;
+  }
+}
+
+void Decoder::finish() const {
+  if (pos_ != data_.size())
+    throw Error("rANS stream not fully consumed: " + std::to_string(data_.size() - pos_) +
+                " bytes left after " + std::to_string(count_) +
+                " symbols (fewer symbols decoded than encoded, or corrupt data)");
+  for (int l = 0; l < lanes_; ++l)
+    if (state_[l] != kLow)
+      throw Error("rANS stream failed its final-state check after " + std::to_string(count_) +
+                  " symbols: the data is corrupt, or was decoded with different "
+                  "distributions or a different symbol count than it was encoded with");
+}
+
+}  // namespace pqmim::rans

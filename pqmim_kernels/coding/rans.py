@@ -1,0 +1,282 @@
+"""Python face of the C++ rANS coder (``pqmim_kernels._rans``).
+
+Coder: 64-bit states, 32-bit renormalisation words, probability precision ``P`` (frequencies
+sum to ``2**P``; default 24, at most 24), one state for streams under 65,536 symbols and 8
+interleaved states above. The stream is a few bytes of framing (1 header byte, 5-8 bytes per
+state) plus 32-bit words; zero symbols give ``b""``.
+
+**Ordering.** rANS is last-in-first-out, but this API is first-in-first-out: a
+:class:`RansEncoder` only buffers ``(start, frequency)`` pairs in its ``encode_*`` calls and
+codes everything, last symbol first, in :meth:`RansEncoder.finish`. A :class:`RansDecoder`
+therefore returns symbols in the order they were given to the encoder: decode batches in the
+same order (and with the same sizes or any split of them) as they were encoded. A multi-stage
+entropy model can encode stage 1, 2, ... and decode stage 1, 2, ..., with stage ``s``'s
+distributions computed from the decoded stages ``< s``.
+
+**Integrity.** Every state starts at ``2**31``; :meth:`RansDecoder.finish` checks that every
+state is back there and every byte was read (~31 bits of check per state), which catches
+truncated or corrupted data and decoding with distributions different from the encoder's.
+
+Inputs are numpy arrays or CPU torch tensors (taken zero-copy when already contiguous with
+the native dtype). Bad input raises :class:`ValueError` (wrong values or shapes) or
+:class:`TypeError` (wrong dtypes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pqmim_kernels.coding._ext import load_extension
+
+_ext = load_extension()
+
+DEFAULT_PRECISION: int = int(_ext.DEFAULT_PRECISION)
+MAX_PRECISION: int = int(_ext.MAX_PRECISION)
+
+__all__ = [
+    "DEFAULT_PRECISION",
+    "MAX_PRECISION",
+    "RansDecoder",
+    "RansEncoder",
+    "decode_probs",
+    "encode_probs",
+    "quantize_probs",
+]
+
+
+def _to_numpy(x: Any, name: str) -> np.ndarray:
+    """numpy array view of ``x`` (numpy array, CPU torch tensor or array-like), no copy."""
+    if type(x).__module__.split(".")[0] == "torch":
+        if x.device.type != "cpu":
+            raise ValueError(f"{name} must be a CPU tensor, got one on {x.device}; call .cpu()")
+        x = x.detach()
+        if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16; float32 holds it exactly
+            x = x.float()
+        return x.resolve_conj().resolve_neg().numpy()
+    return np.asarray(x)
+
+
+def _precision(precision: int | None) -> int:
+    if precision is None:
+        return DEFAULT_PRECISION
+    if isinstance(precision, bool) or not isinstance(precision, (int, np.integer)):
+        raise TypeError(f"precision must be an int, got {type(precision).__name__}")
+    if not 1 <= precision <= MAX_PRECISION:
+        raise ValueError(f"precision must be in [1, {MAX_PRECISION}], got {precision}")
+    return int(precision)
+
+
+def _threads(num_threads: int) -> int:
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
+        raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    return int(num_threads)
+
+
+def _int_vector(x: Any, name: str) -> np.ndarray:
+    a = _to_numpy(x, name)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got dtype {a.dtype}")
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (N,), got shape {a.shape}")
+    too_big = a.dtype == np.uint64 and a.size and a.max() > np.iinfo(np.int64).max
+    if too_big:
+        raise ValueError(f"{name} has values beyond the int64 range")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def _probs(x: Any, name: str = "probs") -> np.ndarray:
+    a = _to_numpy(x, name)
+    if a.dtype not in (np.float32, np.float16, np.float64):
+        raise TypeError(f"{name} must be float32, float16 or float64, got dtype {a.dtype}")
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (N, K), got shape {a.shape}")
+    # float16 -> float32 is exact; float64 is rounded to float32 (the quantiser's input type).
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _cdfs(x: Any, name: str, precision: int) -> np.ndarray:
+    a = _to_numpy(x, name)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers (int32 preferred), got dtype {a.dtype}")
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (N, K + 1), got shape {a.shape}")
+    if a.dtype != np.int32 and a.size:
+        lo, hi = a.min(), a.max()
+        if lo < 0 or hi > (1 << precision):
+            raise ValueError(
+                f"{name} values must lie in [0, 2^precision = {1 << precision}], got [{lo}, {hi}]"
+            )
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
+def _same_rows(a: np.ndarray, n: int, name: str, other: str = "symbols") -> None:
+    if a.shape[0] != n:
+        raise ValueError(f"{name} has {a.shape[0]} rows but {other} has {n} entries")
+
+
+def quantize_probs(probs: Any, precision: int | None = None, *, num_threads: int = 1) -> np.ndarray:
+    """Deterministic integer CDFs of float distributions, exactly as the coder uses them.
+
+    Args:
+        probs: (N, K) float32 / float16 / float64 (rounded to float32 first), numpy or CPU
+            torch. Rows need not be normalised; entries must be finite and >= 0 and every row
+            must have a positive entry. ``K <= 2**precision``.
+        precision: P in [1, 24] (default :data:`DEFAULT_PRECISION` = 24).
+        num_threads: rows are split across this many threads.
+
+    Returns:
+        (N, K + 1) int32 CDFs: ``cdf[:, 0] = 0``, strictly increasing, ``cdf[:, K] = 2**P``.
+
+    The spec, in IEEE float32 operations (no FMA), reproduced byte for byte by
+    :func:`pqmim_kernels.reference.rans.quantize_probs`:
+
+    1. ``m = max(p)``, ``a`` = first index of ``m``, ``e`` = frexp exponent of ``m``.
+    2. ``t_i = floor(p_i * 2**(24 - e))`` (exact power-of-two scaling, integers < 2**24),
+       ``T = sum(t_i)`` as an exact integer (independent of summation order).
+    3. ``s = float32(2**P) / float32(T)``; ``f_i = max(1, floor(float32(t_i) * s))``;
+       ``d = 2**P - sum(f_i)``; if ``f_a + d >= 1`` then ``f_a += d`` and stop.
+    4. Else (only when ``K**2`` is comparable to ``2**P``): ``s = float32(2**P - K) /
+       float32(T)``, ``f_i = 1 + floor(float32(t_i) * s)``, ``d = 2**P - sum(f_i)``; if
+       ``d >= 0`` then ``f_a += d``, else take the excess from symbols in index order, leaving
+       each at least 1.
+    5. ``cdf = [0, cumsum(f)]``.
+
+    Raises:
+        TypeError: non-float dtype. ValueError: not 2-D, NaN/inf/negative entries, an all-zero
+        row, K > 2**precision, precision out of range.
+    """
+    p = _probs(probs)
+    return _ext.quantize_probs(p, _precision(precision), _threads(num_threads))
+
+
+class RansEncoder:
+    """Buffers symbols with their distributions over any number of calls; :meth:`finish`
+    writes one stream.
+
+    Symbols are decoded first-in-first-out: a :class:`RansDecoder` returns them in the order
+    of the ``encode_*`` calls (see the module docstring). Each ``encode_*`` call validates
+    its input completely before buffering anything, so a call that raises leaves the encoder
+    unchanged.
+
+    Args:
+        precision: P in [1, 24], frequencies sum to ``2**P`` (default 24). The decoder must
+            use the same value (it is recorded in the stream header and checked).
+        num_threads: threads used to quantise float distributions in :meth:`encode_probs`.
+        lanes: interleaved states, 1, 2, 4 or 8; ``None`` chooses 1 below 65,536 symbols and
+            8 above (the reference coder takes the same parameter).
+    """
+
+    def __init__(
+        self, precision: int | None = None, *, num_threads: int = 1, lanes: int | None = None
+    ):
+        self.precision = _precision(precision)
+        if lanes is not None and lanes not in (1, 2, 4, 8):
+            raise ValueError(f"lanes must be None, 1, 2, 4 or 8, got {lanes!r}")
+        self._enc = _ext.Encoder(self.precision, lanes or 0, _threads(num_threads))
+
+    @property
+    def pending(self) -> int:
+        """Number of symbols buffered since the last :meth:`finish`."""
+        return self._enc.pending
+
+    def encode_probs(self, symbols: Any, probs: Any) -> None:
+        """Buffer ``symbols`` (N,) integers in [0, K) with float distributions ``probs``
+        (N, K) float32/float16/float64, quantised by :func:`quantize_probs`."""
+        s = _int_vector(symbols, "symbols")
+        p = _probs(probs)
+        _same_rows(p, s.shape[0], "probs")
+        self._enc.push_probs(s, p)
+
+    def encode_cdfs(self, symbols: Any, cdfs: Any) -> None:
+        """Buffer ``symbols`` (N,) with integer CDFs ``cdfs`` (N, K + 1) (int32 preferred; each
+        row 0, strictly increasing, ``2**precision``). Only the two entries around each symbol
+        and the row ends are checked here; the decoder checks the entries it uses."""
+        s = _int_vector(symbols, "symbols")
+        c = _cdfs(cdfs, "cdfs", self.precision)
+        _same_rows(c, s.shape[0], "cdfs")
+        self._enc.push_cdfs(s, c)
+
+    def encode_indexed(self, symbols: Any, indexes: Any, cdf_table: Any) -> None:
+        """Buffer ``symbols`` (N,) coded with the static CDF ``cdf_table[indexes[i]]``.
+
+        Args:
+            symbols: (N,) integers in [0, K).
+            indexes: (N,) integers in [0, T).
+            cdf_table: (T, K + 1) integer CDFs, every row checked in full.
+        """
+        s = _int_vector(symbols, "symbols")
+        ix = _int_vector(indexes, "indexes")
+        _same_rows(ix, s.shape[0], "indexes")
+        t = _cdfs(cdf_table, "cdf_table", self.precision)
+        self._enc.push_indexed(s, ix, t)
+
+    def finish(self) -> bytes:
+        """Code all buffered symbols and return the stream; the encoder is then empty."""
+        return self._enc.finish()
+
+
+class RansDecoder:
+    """Reads a :class:`RansEncoder` stream back, batch by batch, in encoding order.
+
+    Args:
+        data: the stream (bytes-like).
+        precision: must equal the encoder's (default 24).
+        num_threads: threads used to quantise float distributions in :meth:`decode_probs`.
+
+    A decoder that raised while decoding is left in an undefined state; start a new one.
+    """
+
+    def __init__(self, data: Any, precision: int | None = None, *, num_threads: int = 1):
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
+        self.precision = _precision(precision)
+        self._dec = _ext.Decoder(bytes(data), self.precision, _threads(num_threads))
+
+    @property
+    def decoded(self) -> int:
+        """Number of symbols decoded so far."""
+        return self._dec.decoded
+
+    def decode_probs(self, probs: Any) -> np.ndarray:
+        """Decode N symbols given their distributions ``probs`` (N, K) float; returns (N,)
+        int64. ``probs`` must be bit-identical to what the encoder was given."""
+        return self._dec.pop_probs(_probs(probs))
+
+    def decode_cdfs(self, cdfs: Any) -> np.ndarray:
+        """Decode N symbols given integer CDFs ``cdfs`` (N, K + 1); returns (N,) int64."""
+        return self._dec.pop_cdfs(_cdfs(cdfs, "cdfs", self.precision))
+
+    def decode_indexed(self, indexes: Any, cdf_table: Any) -> np.ndarray:
+        """Decode N symbols with ``cdf_table[indexes[i]]``: ``indexes`` (N,) integers,
+        ``cdf_table`` (T, K + 1) integers; returns (N,) int64."""
+        ix = _int_vector(indexes, "indexes")
+        return self._dec.pop_indexed(ix, _cdfs(cdf_table, "cdf_table", self.precision))
+
+    def finish(self) -> None:
+        """Raise ValueError unless the stream was consumed exactly: every byte read and every
+        state back at its initial value."""
+        self._dec.finish()
+
+
+def encode_probs(
+    symbols: Any, probs: Any, precision: int | None = None, *, num_threads: int = 1
+) -> bytes:
+    """One-shot: ``symbols`` (N,) ints with ``probs`` (N, K) floats -> stream bytes."""
+    enc = RansEncoder(precision, num_threads=num_threads)
+    enc.encode_probs(symbols, probs)
+    return enc.finish()
+
+
+def decode_probs(
+    data: Any, probs: Any, precision: int | None = None, *, num_threads: int = 1
+) -> np.ndarray:
+    """One-shot inverse of :func:`encode_probs`: returns (N,) int64 and checks that the
+    stream held exactly these N symbols (ValueError otherwise)."""
+    dec = RansDecoder(data, precision, num_threads=num_threads)
+    out = dec.decode_probs(probs)
+    dec.finish()
+    return out
