@@ -63,5 +63,364 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, op: str = "op") -> str
 
 # ---- product quantization: pq_assign, pq_quantize ----
 
+__all__ += ["pq_assign", "pq_ema_statistics", "pq_quantize"]
+
+
+@torch.library.custom_op("pqmim::pq_assign", mutates_args=())
+def _pq_assign_op(
+    z: torch.Tensor, codebooks: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # One opaque op for torch.compile: the backend is resolved before tracing reaches here, so
+    # the graph holds a single node and the kernels are never traced by dynamo.
+    if backend == "triton":
+        from pqmim_kernels.ops.pq_assign import pq_assign_triton
+
+        return pq_assign_triton(z, codebooks)
+    from pqmim_kernels.reference.pq import pq_assign_chunked
+
+    return pq_assign_chunked(z, codebooks)
+
+
+@_pq_assign_op.register_fake
+def _pq_assign_fake(z, codebooks, backend):
+    shape = (*z.shape[:-1], codebooks.shape[0])
+    return z.new_empty(shape, dtype=torch.int64), z.new_empty(shape, dtype=torch.float32)
+
+
+def pq_assign(
+    z: torch.Tensor,
+    codebooks: torch.Tensor,
+    *,
+    return_distances: bool = False,
+    backend: str = "auto",
+):
+    """Product-quantization codes: nearest codeword per sub-space in squared L2.
+
+    Args:
+        z: (..., D) float32/float16/bfloat16, any leading shape and strides.
+        codebooks: (M, K, d) float32/float16/bfloat16 with M·d = D, on z's device.
+        return_distances: also return the squared distances to the chosen codewords.
+        backend: ``"auto" | "triton" | "reference"`` (see module docstring).
+
+    Returns:
+        codes (..., M) int64 in [0, K), ties to the lowest index; with ``return_distances`` a
+        tuple ``(codes, distances)`` where distances (..., M) are float32 and carry no gradient
+        (use :func:`pq_quantize` for gradients).
+
+    Registered as the torch custom op ``pqmim::pq_assign``, so ``torch.compile`` traces it as one
+    node (no graph break). Raises ``TypeError``/``ValueError`` for bad dtypes, shapes, devices.
+    """
+    from pqmim_kernels.reference.pq import check_pq_inputs
+
+    check_pq_inputs(z, codebooks, "pq_assign")
+    chosen = resolve_backend(backend, z, codebooks, op="pq_assign")
+    codes, dists = _pq_assign_op(z.detach(), codebooks.detach(), chosen)
+    return (codes, dists) if return_distances else codes
+
+
+def pq_quantize(z: torch.Tensor, codebooks: torch.Tensor, *, backend: str = "auto"):
+    """Quantize ``z`` (..., D) with ``codebooks`` (M, K, d): returns ``(z_q, codes)``.
+
+    ``z_q`` (..., D) in z's dtype equals the chosen codewords exactly in the forward pass; its
+    gradient reaches ``z`` unchanged (straight-through estimator) and ``codebooks`` through the
+    lookup (when they require grad). ``codes`` (..., M) int64 as in :func:`pq_assign`.
+    """
+    from pqmim_kernels.reference.pq import pq_lookup
+
+    codes = pq_assign(z, codebooks, backend=backend)
+    looked_up = pq_lookup(codes, codebooks).to(z.dtype)
+    # z - z.detach() is exactly zero, so the value is the codeword, the gradient the identity.
+    return looked_up + (z - z.detach()), codes
+
+
+def pq_ema_statistics(
+    z: torch.Tensor, codes: torch.Tensor, num_codes: int, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-codeword counts (M, K) and sums (M, K, d), fp32, of z (..., D) under codes (..., M).
+
+    The statistics of the EMA codebook update in :class:`pqmim_kernels.nn.ProductQuantizer`:
+    a fused Triton kernel (atomic adds, fp32) on CUDA, ``index_add_`` otherwise. Summation
+    order differs between backends, so results agree to fp32 rounding, not bitwise.
+    """
+    if not isinstance(z, torch.Tensor) or not isinstance(codes, torch.Tensor):
+        raise TypeError("pq_ema_statistics: z and codes must be torch.Tensors")
+    if codes.dtype != torch.int64:
+        raise TypeError(f"pq_ema_statistics: codes must be int64, got {codes.dtype}")
+    if z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"pq_ema_statistics: z must be float32, float16 or bfloat16, got {z.dtype}")
+    if codes.dim() < 1 or z.shape[:-1] != codes.shape[:-1] or z.shape[-1] % codes.shape[-1]:
+        raise ValueError(
+            "pq_ema_statistics: z (..., D) and codes (..., M) must share leading dims with M "
+            f"dividing D, got {tuple(z.shape)} and {tuple(codes.shape)}"
+        )
+    chosen = resolve_backend(backend, z, codes, op="pq_ema_statistics")
+    if chosen == "triton":
+        from pqmim_kernels.ops.pq_stats import pq_ema_statistics_triton
+
+        return pq_ema_statistics_triton(z.detach(), codes, num_codes)
+    from pqmim_kernels.reference.pq import pq_ema_statistics as eager
+
+    return eager(z, codes, num_codes)
+
 
 # ---- masked attention: masked_attention ----
+
+__all__ += ["masked_attention"]
+
+_ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_masked_attention_args(q, k, v, key_lengths, key_mask, attn_mask, scale) -> float:
+    """Validate the public arguments of :func:`masked_attention`; return the resolved scale."""
+    op = "masked_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{op}: {name} must have shape (B, H, L, Dh), got {tuple(t.shape)} ({t.dim()} dims)"
+            )
+        if t.dtype not in _ATTN_DTYPES:
+            raise TypeError(f"{op}: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{op}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
+        )
+    b, h, lq, dh = q.shape
+    if k.shape != v.shape:
+        raise ValueError(
+            f"{op}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != dh:
+        raise ValueError(
+            f"{op}: k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} "
+            "(need the same B, H and Dh)"
+        )
+    if dh == 0:
+        raise ValueError(f"{op}: head dim Dh must be positive, got shape {tuple(q.shape)}")
+    lk = k.shape[2]
+    if key_lengths is not None:
+        if not isinstance(key_lengths, torch.Tensor):
+            raise TypeError(
+                f"{op}: key_lengths must be a torch.Tensor, got {type(key_lengths).__name__}"
+            )
+        if key_lengths.dtype.is_floating_point or key_lengths.dtype in (
+            torch.bool,
+            torch.complex64,
+            torch.complex128,
+        ):
+            raise TypeError(f"{op}: key_lengths must be an integer tensor, got {key_lengths.dtype}")
+        if tuple(key_lengths.shape) != (b,):
+            raise ValueError(
+                f"{op}: key_lengths must have shape (B,) = ({b},), got {tuple(key_lengths.shape)}"
+            )
+        if key_lengths.device != q.device:
+            raise ValueError(f"{op}: key_lengths is on {key_lengths.device} but q is on {q.device}")
+    if key_mask is not None:
+        if not isinstance(key_mask, torch.Tensor):
+            raise TypeError(f"{op}: key_mask must be a torch.Tensor, got {type(key_mask).__name__}")
+        if key_mask.dtype != torch.bool:
+            raise TypeError(f"{op}: key_mask must be a bool tensor, got {key_mask.dtype}")
+        if tuple(key_mask.shape) != (b, lk):
+            raise ValueError(
+                f"{op}: key_mask must have shape (B, Lk) = ({b}, {lk}), got {tuple(key_mask.shape)}"
+            )
+        if key_mask.device != q.device:
+            raise ValueError(f"{op}: key_mask is on {key_mask.device} but q is on {q.device}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(
+                f"{op}: attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}"
+            )
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            raise TypeError(
+                f"{op}: attn_mask must be bool (True = attend) or a float bias, got "
+                f"{attn_mask.dtype}"
+            )
+        shape = tuple(attn_mask.shape)
+        if (
+            len(shape) != 4
+            or shape[0] not in (1, b)
+            or shape[1] not in (1, h)
+            or shape[2:] != (lq, lk)
+        ):
+            raise ValueError(
+                f"{op}: attn_mask must have shape (B or 1, H or 1, Lq, Lk) with B={b}, H={h}, "
+                f"Lq={lq}, Lk={lk}; got {shape}"
+            )
+        if attn_mask.device != q.device:
+            raise ValueError(f"{op}: attn_mask is on {attn_mask.device} but q is on {q.device}")
+        if attn_mask.requires_grad:
+            raise ValueError(
+                f"{op}: attn_mask is treated as a constant and receives no gradient; "
+                "pass attn_mask.detach() (a learned bias needs an eager attention)"
+            )
+    if scale is None:
+        return 1.0 / float(dh) ** 0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not (scale == scale and abs(scale) != float("inf")):
+        raise ValueError(f"{op}: scale must be finite, got {scale}")
+    return scale
+
+
+_MA_FWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, Tensor? key_mask, Tensor? attn_mask, "
+    "float scale, str backend) -> (Tensor, Tensor)"
+)
+_MA_BWD_SCHEMA = (
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+    "Tensor? key_lengths, Tensor? key_mask, Tensor? attn_mask, float scale, str backend) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("pqmim::masked_attention_fwd", mutates_args=(), schema=_MA_FWD_SCHEMA)
+def _masked_attention_fwd_op(q, k, v, key_lengths, key_mask, attn_mask, scale, backend):
+    """Custom op: ``(out (B,H,Lq,Dh) in q.dtype, lse (B,H,Lq) fp32)``; arguments pre-checked."""
+    if backend == "triton":
+        from pqmim_kernels.ops.masked_attention import masked_attention_forward
+
+        return masked_attention_forward(
+            q, k, v, key_lengths=key_lengths, key_mask=key_mask, attn_mask=attn_mask, scale=scale
+        )
+    from pqmim_kernels.reference.attention import masked_attention_reference
+
+    return masked_attention_reference(
+        q,
+        k,
+        v,
+        key_lengths=key_lengths,
+        key_mask=key_mask,
+        attn_mask=attn_mask,
+        scale=scale,
+        upcast=True,
+        return_lse=True,
+    )
+
+
+@_masked_attention_fwd_op.register_fake
+def _(q, k, v, key_lengths, key_mask, attn_mask, scale, backend):
+    b, h, lq, dh = q.shape
+    return q.new_empty((b, h, lq, dh)), q.new_empty((b, h, lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("pqmim::masked_attention_bwd", mutates_args=(), schema=_MA_BWD_SCHEMA)
+def _masked_attention_bwd_op(
+    grad_out, q, k, v, out, lse, key_lengths, key_mask, attn_mask, scale, backend
+):
+    """Custom op: ``(dq, dk, dv)`` of the forward op, from its saved output and logsumexp."""
+    if backend == "triton":
+        from pqmim_kernels.ops.masked_attention import masked_attention_backward
+
+        return masked_attention_backward(
+            grad_out,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            key_lengths=key_lengths,
+            key_mask=key_mask,
+            attn_mask=attn_mask,
+            scale=scale,
+        )
+    from pqmim_kernels.reference.attention import masked_attention_backward_reference
+
+    return masked_attention_backward_reference(
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        key_lengths=key_lengths,
+        key_mask=key_mask,
+        attn_mask=attn_mask,
+        scale=scale,
+    )
+
+
+@_masked_attention_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, key_lengths, key_mask, attn_mask, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _masked_attention_setup_context(ctx, inputs, output):
+    q, k, v, key_lengths, key_mask, attn_mask, scale, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, key_lengths, key_mask, attn_mask)
+    ctx.scale = scale
+    ctx.backend = backend
+
+
+def _masked_attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_lengths, key_mask, attn_mask = ctx.saved_tensors
+    dq, dk, dv = _masked_attention_bwd_op(
+        grad_out.contiguous(),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        key_lengths,
+        key_mask,
+        attn_mask,
+        ctx.scale,
+        ctx.backend,
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+_masked_attention_fwd_op.register_autograd(
+    _masked_attention_backward, setup_context=_masked_attention_setup_context
+)
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_lengths: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Softmax attention in which hidden keys are never attended (flash attention on CUDA).
+
+    Args:
+        q: (B, H, Lq, Dh) float16/bfloat16/float32. ``k``, ``v``: (B, H, Lk, Dh), same dtype
+            and device. Any Lq, Lk; Dh in {16, 32, 64, 128} is the tuned range (the Triton
+            kernel takes any Dh <= 256, the reference any Dh). Strided views are fine.
+        key_lengths: (B,) integer tensor: keys ``[0, len)`` of each batch row are visible
+            (lengths are clamped to ``[0, Lk]``, with no device sync). Order tokens "known
+            first" and the kernel skips every key block past the length, so the cost scales
+            with the number of visible keys.
+        key_mask: (B, Lk) bool, True = visible key, any pattern (key blocks after the last
+            visible key are skipped as well).
+        attn_mask: (B or 1, H or 1, Lq, Lk): bool (True = attend) or a float bias added to the
+            scaled scores (``-inf`` hides a key). Treated as a constant: no gradient.
+        scale: score scale, default ``1 / sqrt(Dh)``.
+        backend: ``"auto" | "triton" | "reference"`` (see :func:`resolve_backend`).
+
+    The masks combine: a key is visible when every given mask allows it. A query row with no
+    visible key returns zeros and receives zero gradients (never NaN).
+
+    Returns:
+        (B, H, Lq, Dh) in the dtype of ``q``; differentiable in q, k, v.
+
+    Raises:
+        TypeError / ValueError for bad types, dtypes, shapes or devices; RuntimeError when
+        ``backend="triton"`` cannot run here.
+    """
+    scale = _check_masked_attention_args(q, k, v, key_lengths, key_mask, attn_mask, scale)
+    masks = [t for t in (key_lengths, key_mask, attn_mask) if t is not None]
+    chosen = resolve_backend(backend, q, k, v, *masks, op="masked_attention")
+    out, _ = _masked_attention_fwd_op(q, k, v, key_lengths, key_mask, attn_mask, scale, chosen)
+    return out
