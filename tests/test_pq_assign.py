@@ -1,0 +1,267 @@
+"""pq_assign / pq_quantize: eager spec, chunked CPU path, custom op, Triton kernel (interpreter).
+
+The Triton cases run in one subprocess with TRITON_INTERPRET=1 set before Triton is imported
+(robust whatever the rest of the suite imported first); the parent checks the results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import pqmim_kernels
+from pqmim_kernels import functional as F
+from pqmim_kernels.reference import pq as ref
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (leading shape, M, K, d): ragged on purpose (N not a block multiple, K = 300, d = 12, d = 1).
+SHAPES = [
+    ((1,), 1, 1, 1),
+    ((37,), 3, 300, 12),
+    ((2, 5, 7), 4, 17, 8),
+    ((129,), 2, 64, 16),
+    ((3, 11), 5, 33, 3),
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_inputs(lead, m, k, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(*lead, m * d, generator=g).to(dtype)
+    cb = torch.randn(m, k, d, generator=g).to(dtype)
+    return z, cb
+
+
+def assert_argmin_criterion(z, cb, codes, dists, rel=1e-5):
+    """ARCHITECTURE.md's rule: the chosen codeword's distance equals the reference minimum
+    within eps, and codes equal the reference wherever its margin exceeds eps.
+
+    eps bounds the fp32 error of the expanded score: rel · (‖z_m‖² + max‖c‖²) per (row, m).
+    """
+    m, k, d = cb.shape
+    z64 = z.reshape(-1, m, d).double()
+    full = ((z64.unsqueeze(2) - cb.double().unsqueeze(0)) ** 2).sum(-1)  # (N, M, K)
+    codes = codes.reshape(-1, m)
+    assert codes.dtype == torch.int64
+    assert int(codes.min()) >= 0 and int(codes.max()) < k
+    scale = (z64**2).sum(-1) + (cb.double() ** 2).sum(-1).max(-1).values
+    eps = rel * scale + 1e-30
+    best = full.min(-1).values
+    chosen = full.gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+    assert torch.all(chosen - best <= eps), float((chosen - best - eps).max())
+    ref_codes = full.argmin(-1)
+    top2 = full.topk(min(2, k), dim=-1, largest=False).values
+    margin = top2[..., -1] - top2[..., 0] if k > 1 else torch.full_like(best, float("inf"))
+    clear = margin > eps
+    assert torch.equal(codes[clear], ref_codes[clear])
+    if dists is not None:
+        dists = dists.reshape(-1, m)
+        assert dists.dtype == torch.float32
+        # The returned distance is computed directly, so it is accurate relative to itself.
+        torch.testing.assert_close(dists.double(), chosen, rtol=1e-5, atol=1e-6 * scale.max())
+
+
+# ---- eager spec and chunked CPU path --------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunked_matches_naive(shape, dtype):
+    lead, m, k, d = shape
+    z, cb = make_inputs(lead, m, k, d, dtype)
+    # A tiny chunk budget forces many row chunks, including a ragged last one.
+    codes, dists = ref.pq_assign_chunked(z, cb, max_chunk_bytes=4 * m * k * 5)
+    assert codes.shape == (*lead, m) and dists.shape == (*lead, m)
+    assert_argmin_criterion(z, cb, codes, dists)
+    naive_codes, naive_d = ref.pq_assign_naive(z, cb)
+    assert naive_codes.shape == codes.shape
+    torch.testing.assert_close(dists.double(), naive_d, rtol=1e-5, atol=1e-5)
+
+
+def test_public_pq_assign_uses_chunked_path_on_cpu():
+    z, cb = make_inputs((4, 9), 3, 300, 12, torch.float32, seed=3)
+    codes, dists = pqmim_kernels.pq_assign(z, cb, return_distances=True)
+    exp_codes, exp_d = ref.pq_assign_chunked(z, cb)
+    assert torch.equal(codes, exp_codes) and torch.equal(dists, exp_d)
+    assert torch.equal(pqmim_kernels.pq_assign(z, cb, backend="reference"), exp_codes)
+
+
+def test_near_ties_criterion_with_clustered_codebook():
+    # Codewords only 1e-4 apart: the expanded score cannot order them, the criterion still holds.
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(2, 1, 8, generator=g) * 10
+    cb = base + 1e-4 * torch.randn(2, 50, 8, generator=g)
+    z = base.reshape(1, 16) + 1e-4 * torch.randn(200, 16, generator=g)
+    codes, dists = F.pq_assign(z, cb, return_distances=True)
+    assert_argmin_criterion(z, cb, codes, dists)
+
+
+def test_exact_ties_go_to_lowest_index():
+    cb = torch.randn(2, 6, 4)
+    cb[0, 4] = cb[0, 1]
+    cb[1] = cb[1, 0]  # all codewords of sub-space 1 identical
+    z = torch.cat([cb[0, 1], torch.randn(4)]).repeat(3, 1)
+    codes = F.pq_assign(z, cb)
+    assert codes[:, 0].tolist() == [1, 1, 1]
+    assert codes[:, 1].tolist() == [0, 0, 0]
+    # Equidistant by symmetry: z halfway between two codewords.
+    cb2 = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [0.0, 5.0]]])
+    z2 = torch.zeros(1, 2)
+    assert F.pq_assign(z2, cb2).tolist() == [[0]]
+    assert F.pq_assign(z2, cb2.flip(1)[:, [1, 0, 2]]).tolist() == [[0]]
+
+
+def test_any_strides_and_empty_input():
+    _, cb = make_inputs((1,), 4, 17, 10, torch.float32)
+    big = torch.randn(20, 3, 40)
+    z_strided = big[::2, 1, :]  # (10, 40), non-contiguous rows
+    z_t = torch.randn(40, 7).t()  # (7, 40), column-major
+    for zz in (z_strided, z_t):
+        assert not zz.is_contiguous()
+        codes, dists = F.pq_assign(zz, cb, return_distances=True)
+        exp_codes, exp_d = F.pq_assign(zz.contiguous(), cb, return_distances=True)
+        assert torch.equal(codes, exp_codes)
+        # The reduction order of the direct distance may follow the memory layout.
+        torch.testing.assert_close(dists, exp_d, rtol=1e-6, atol=1e-6)
+    empty = torch.empty(0, 3, 40)
+    codes, dists = F.pq_assign(empty, cb, return_distances=True)
+    assert codes.shape == (0, 3, 4) and dists.shape == (0, 3, 4)
+
+
+def test_chunk_budget_bounds_the_score_block(monkeypatch):
+    seen = []
+    real = torch.baddbmm
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(torch, "baddbmm", spy)
+    z, cb = make_inputs((1000,), 4, 256, 4, torch.float32)
+    budget = 256 * 1024
+    codes, _ = ref.pq_assign_chunked(z, cb, max_chunk_bytes=budget)
+    assert len(seen) == -(-1000 // 64) and max(seen) <= budget  # 64 rows per chunk
+    # At the issue's CPU shape (N = 262,144, M = 16, K = 1024) the default budget holds the
+    # score block to 64 MiB instead of the naive 16 GiB.
+    rows = ref.DEFAULT_CHUNK_BYTES // (4 * 16 * 1024)
+    assert rows * 16 * 1024 * 4 <= 64 * 2**20
+
+
+def test_pq_lookup_and_quantize_straight_through():
+    z, cb = make_inputs((3, 5), 4, 17, 6, torch.float32)
+    z.requires_grad_(True)
+    cb.requires_grad_(True)
+    zq, codes = F.pq_quantize(z, cb)
+    expected = torch.stack([cb[m, codes[..., m]] for m in range(4)], dim=-2).reshape(3, 5, 24)
+    assert torch.equal(zq, expected)  # forward value is exactly the codewords
+    upstream = torch.randn_like(zq)
+    zq.backward(upstream)
+    assert torch.equal(z.grad, upstream)  # straight-through
+    exp_cb_grad = torch.zeros_like(cb)
+    up = upstream.reshape(-1, 4, 6)
+    for m in range(4):
+        exp_cb_grad[m].index_add_(0, codes.reshape(-1, 4)[:, m], up[:, m])
+    torch.testing.assert_close(cb.grad, exp_cb_grad)
+
+
+def test_pq_quantize_keeps_input_dtype():
+    z, cb = make_inputs((9,), 2, 10, 4, torch.bfloat16)
+    zq, codes = F.pq_quantize(z, cb.float())
+    assert zq.dtype == torch.bfloat16 and codes.dtype == torch.int64
+
+
+def test_ema_statistics_match_definition():
+    z, cb = make_inputs((50,), 3, 7, 4, torch.float32)
+    codes = F.pq_assign(z, cb)
+    counts, sums = F.pq_ema_statistics(z, codes, 7)
+    zs = z.reshape(50, 3, 4)
+    for m in range(3):
+        for k in range(7):
+            sel = codes[:, m] == k
+            assert counts[m, k] == sel.sum()
+            torch.testing.assert_close(sums[m, k], zs[sel, m].sum(0), rtol=1e-6, atol=1e-6)
+
+
+# ---- custom op and torch.compile ------------------------------------------------------------
+
+
+def test_custom_op_passes_opcheck():
+    z, cb = make_inputs((13,), 3, 20, 4, torch.float32)
+    torch.library.opcheck(F._pq_assign_op, (z, cb, "reference"))
+
+
+def test_torch_compile_fullgraph_has_no_graph_break():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    z, cb = make_inputs((2, 9), 3, 20, 4, torch.float32)
+
+    def f(z, cb):
+        codes, dists = F.pq_assign(z * 2.0, cb, return_distances=True)
+        return codes + 1, dists.sum(-1)
+
+    explanation = torch._dynamo.explain(f)(z, cb)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(z, cb)
+    exp = f(z, cb)
+    assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1])
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("z", "cb", "exc", "match"),
+    [
+        ("not a tensor", torch.zeros(2, 3, 4), TypeError, "z must be a torch.Tensor"),
+        (torch.zeros(5, 8), [[1.0]], TypeError, "codebooks must be a torch.Tensor"),
+        (torch.zeros(5, 8, dtype=torch.float64), torch.zeros(2, 3, 4), TypeError, "z must be"),
+        (torch.zeros(5, 8, dtype=torch.int32), torch.zeros(2, 3, 4), TypeError, "got torch.int32"),
+        (torch.zeros(5, 8), torch.zeros(2, 3, 4, dtype=torch.float64), TypeError, "codebooks must"),
+        (torch.zeros(5, 8), torch.zeros(6, 4), ValueError, r"shape \(M, K, d\)"),
+        (torch.tensor(1.0), torch.zeros(2, 3, 4), ValueError, "0-d tensor"),
+        (torch.zeros(5, 8), torch.zeros(2, 0, 4), ValueError, "non-empty"),
+        (torch.zeros(5, 9), torch.zeros(2, 3, 4), ValueError, r"M·d = 2·4 = 8 .* D = 9"),
+        (torch.zeros(5, 8), torch.zeros(2, 3, 4, device="meta"), ValueError, "same device"),
+    ],
+)
+def test_pq_assign_rejects_bad_input(z, cb, exc, match):
+    with pytest.raises(exc, match=match):
+        F.pq_assign(z, cb)
+
+
+def test_backend_errors(monkeypatch):
+    z, cb = make_inputs((4,), 2, 5, 3, torch.float32)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        F.pq_assign(z, cb, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        F.pq_assign(z, cb, backend="triton")
+
+
+def test_lookup_and_statistics_errors():
+    cb = torch.zeros(2, 3, 4)
+    with pytest.raises(TypeError, match="codes must be an integer tensor"):
+        ref.pq_lookup(torch.zeros(5, 2), cb)
+    with pytest.raises(ValueError, match=r"codes must have shape \(\.\.\., M\) with M = 2"):
+        ref.pq_lookup(torch.zeros(5, 3, dtype=torch.int64), cb)
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, K\) = \[0, 3\)"):
+        ref.pq_lookup(torch.full((5, 2), 3), cb)
+    with pytest.raises(ValueError, match="codebooks must have shape"):
+        ref.pq_lookup(torch.zeros(5, 2, dtype=torch.int64), torch.zeros(3, 4))
+    z = torch.zeros(5, 8)
+    with pytest.raises(TypeError, match="codes must be int64"):
+        F.pq_ema_statistics(z, torch.zeros(5, 2, dtype=torch.int32), 3)
+    with pytest.raises(TypeError, match="z must be float32"):
+        F.pq_ema_statistics(z.double(), torch.zeros(5, 2, dtype=torch.int64), 3)
+    with pytest.raises(TypeError, match="must be torch.Tensors"):
+        F.pq_ema_statistics(z, [0, 1], 3)
+    with pytest.raises(ValueError, match="must share leading dims"):
+        F.pq_ema_statistics(z, torch.zeros(4, 2, dtype=torch.int64), 3)
+    with pytest.raises(ValueError, match=r"kmeans: x must have shape \(N, M, d\)"):
+        ref.kmeans(torch.zeros(0, 2, 3), 4)

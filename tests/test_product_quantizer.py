@@ -1,0 +1,223 @@
+"""nn.ProductQuantizer: conventions, EMA learning, k-means init, dead codes, DDP sync, drop-in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pqmim_kernels.nn import ProductQuantizer
+
+
+def mixture(n, centers, noise, generator):
+    """n samples (n, M·d) whose sub-vector m is drawn around a random row of centers[m]."""
+    m, k, d = centers.shape
+    pick = torch.randint(0, k, (n, m), generator=generator)
+    sub = centers[torch.arange(m), pick]  # (n, M, d)
+    return (sub + noise * torch.randn(n, m, d, generator=generator)).reshape(n, m * d)
+
+
+def nearest_error(codebooks, centers):
+    """Max over true centers of the distance to the closest learned codeword (per sub-space)."""
+    dist = torch.cdist(centers, codebooks)  # (M, K_true, K)
+    return float(dist.min(-1).values.max())
+
+
+# ---- conventions ------------------------------------------------------------------------------
+
+
+def test_call_convention_channel_last():
+    torch.manual_seed(0)
+    pq = ProductQuantizer(32, 4, 16)
+    x = torch.randn(2, 50, 32, requires_grad=True)
+    quantized, indices, loss = pq(x)
+    assert quantized.shape == x.shape and quantized.dtype == x.dtype
+    assert indices.shape == (2, 50, 4) and indices.dtype == torch.int64
+    assert loss.shape == () and loss.requires_grad
+    assert pq.codebooks.shape == (4, 16, 8) and pq.codebook is pq.codebooks
+    assert torch.equal(pq.get_output_from_indices(indices), quantized.detach())
+    torch.testing.assert_close(loss, 0.25 * ((x - quantized) ** 2).mean())
+    # 2-D input (B, D), as vector-quantize-pytorch accepts
+    q2, i2, _ = pq(torch.randn(5, 32))
+    assert q2.shape == (5, 32) and i2.shape == (5, 4)
+
+
+def test_image_feature_maps_and_channel_first():
+    torch.manual_seed(0)
+    pq = ProductQuantizer(12, 3, 8, accept_image_fmap=True)
+    x = torch.randn(2, 12, 5, 6)
+    quantized, indices, _ = pq(x)
+    assert quantized.shape == (2, 12, 5, 6) and indices.shape == (2, 5, 6, 3)
+    assert torch.equal(pq.get_output_from_indices(indices), quantized)
+    # same codes as the channel-last view of the same tokens
+    pq.eval()
+    tokens = x.permute(0, 2, 3, 1)
+    flat = ProductQuantizer(12, 3, 8).eval()
+    flat.load_state_dict(pq.state_dict())
+    assert torch.equal(pq(x)[1], flat(tokens)[1])
+
+    pq_cf = ProductQuantizer(12, 3, 8, channel_last=False)
+    q, i, _ = pq_cf(torch.randn(2, 12, 7))
+    assert q.shape == (2, 12, 7) and i.shape == (2, 7, 3)
+    assert torch.equal(pq_cf.get_output_from_indices(i), q)
+
+
+def test_straight_through_gradient_and_commitment_gradient():
+    torch.manual_seed(0)
+    pq = ProductQuantizer(16, 2, 8, commitment_weight=0.5)
+    x = torch.randn(3, 10, 16, requires_grad=True)
+    quantized, _, loss = pq(x)
+    upstream = torch.randn_like(quantized)
+    quantized.backward(upstream, retain_graph=True)
+    assert torch.equal(x.grad, upstream)
+    x.grad = None
+    loss.backward()
+    torch.testing.assert_close(x.grad, 0.5 * 2 * (x - quantized.detach()) / x.numel())
+
+
+def test_eval_mode_freezes_codebooks():
+    torch.manual_seed(0)
+    pq = ProductQuantizer(16, 2, 8, kmeans_init=True).eval()
+    state = {k: v.clone() for k, v in pq.state_dict().items()}
+    for _ in range(3):
+        pq(torch.randn(4, 20, 16) + 5)
+    for k, v in pq.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert not bool(pq.initted)  # no k-means in eval mode either
+    stats = pq.codebook_stats()
+    assert set(stats) == {"perplexity", "usage", "ema_perplexity", "dead_fraction"}
+    assert all(v.shape == (2,) for v in stats.values())
+
+
+# ---- codebook learning ------------------------------------------------------------------------
+
+
+def test_kmeans_init_on_first_batch_finds_the_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 8, 4, generator=g) * 4
+    pq = ProductQuantizer(12, 3, 8, kmeans_iters=20, threshold_ema_dead_code=0)
+    x = mixture(2000, centers, 0.05, g)
+    torch.manual_seed(0)
+    pq(x)
+    assert bool(pq.initted)
+    # k-means++ seeding + Lloyd recovers every well-separated center
+    assert nearest_error(pq.codebooks, centers) < 0.1
+
+
+def test_ema_converges_on_a_toy_mixture():
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(2, 6, 3, generator=g) * 3
+    pq = ProductQuantizer(6, 2, 6, decay=0.9, kmeans_init=False, threshold_ema_dead_code=0)
+    with torch.no_grad():  # start each codeword off its center by a visible offset
+        pq.embed.copy_(centers + 0.5 * torch.randn(2, 6, 3, generator=g))
+        pq.embed_avg.copy_(pq.embed)
+    start = nearest_error(pq.codebooks, centers)
+    for _ in range(150):
+        pq(mixture(512, centers, 0.1, g))
+    end = nearest_error(pq.codebooks, centers)
+    assert start > 0.4 and end < 0.05, (start, end)
+    ppl = pq.codebook_stats()["perplexity"]
+    assert torch.all(ppl > 5.0)  # all six modes in use
+
+
+def test_dead_codes_are_reseeded_from_current_batch():
+    torch.manual_seed(0)
+    pq = ProductQuantizer(4, 2, 8, kmeans_init=False, threshold_ema_dead_code=1.0, decay=0.5)
+    with torch.no_grad():
+        pq.embed.fill_(100.0)  # every code far away ...
+        pq.embed[:, 0] = 0.0  # ... except code 0, which takes the whole batch
+        pq.embed_avg.copy_(pq.embed)
+    x = torch.randn(64, 4)
+    _, indices, _ = pq(x)
+    assert torch.all(indices == 0)
+    # codes 1..7 got no assignment: EMA count 0.5 < 1 -> re-seeded from batch sub-vectors
+    sub = x.reshape(64, 2, 2)
+    for m in range(2):
+        for k in range(1, 8):
+            match = (sub[:, m] - pq.embed[m, k]).abs().sum(-1).min()
+            assert match == 0, (m, k)
+        assert torch.all(pq.cluster_size[m, 1:] == 1.0)
+    # and the next batch uses them
+    _, indices, _ = pq(torch.randn(256, 4))
+    assert indices.unique().numel() > 4
+
+
+def test_distributed_statistics_are_all_reduced(monkeypatch):
+    """Fake a 2-rank group whose ranks see the same batch: the update must equal a single
+    process seeing the batch twice."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 8)
+    kw = dict(kmeans_init=False, threshold_ema_dead_code=0, decay=0.8)
+    single = ProductQuantizer(8, 2, 4, **kw)
+    ddp = ProductQuantizer(8, 2, 4, **kw)
+    ddp.load_state_dict(single.state_dict())
+    calls = []
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+
+    def all_reduce(t, *a, **k):
+        calls.append("all_reduce")
+        t.mul_(2)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "broadcast", lambda t, src, *a, **k: calls.append("broadcast"))
+    ddp(x)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    single(torch.cat([x, x]))
+    assert calls == ["all_reduce", "all_reduce"]
+    for name in ("embed", "cluster_size", "embed_avg"):
+        torch.testing.assert_close(getattr(ddp, name), getattr(single, name))
+
+
+def test_state_dict_round_trip_keeps_initialisation():
+    torch.manual_seed(0)
+    pq = ProductQuantizer(8, 2, 4)
+    pq(torch.randn(30, 8))
+    fresh = ProductQuantizer(8, 2, 4)
+    fresh.load_state_dict(pq.state_dict())
+    assert bool(fresh.initted) and torch.equal(fresh.codebooks, pq.codebooks)
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "exc", "match"),
+    [
+        ((32.0, 4, 16), {}, TypeError, "dim must be an int"),
+        ((32, 0, 16), {}, ValueError, "num_subspaces must be ≥ 1"),
+        ((30, 4, 16), {}, ValueError, "dim = 30 must be divisible by num_subspaces = 4"),
+        ((32, 4, 16), {"decay": 1.0}, ValueError, r"decay must lie in \(0, 1\)"),
+        ((32, 4, 16), {"eps": 0.0}, ValueError, "eps must be > 0"),
+        ((32, 4, 16), {"commitment_weight": -1}, ValueError, "commitment_weight must be ≥ 0"),
+        ((32, 4, 16), {"threshold_ema_dead_code": -1}, ValueError, "threshold_ema_dead_code"),
+        (
+            (32, 4, 16),
+            {"accept_image_fmap": True, "channel_last": False},
+            ValueError,
+            "leave channel_last=True",
+        ),
+    ],
+)
+def test_constructor_rejects_bad_arguments(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        ProductQuantizer(*args, **kwargs)
+
+
+def test_forward_rejects_bad_input():
+    pq = ProductQuantizer(8, 2, 4)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        pq([1.0] * 8)
+    with pytest.raises(ValueError, match=r"expected \(\.\.\., 8\) input"):
+        pq(torch.randn(3, 7))
+    img = ProductQuantizer(8, 2, 4, accept_image_fmap=True)
+    with pytest.raises(ValueError, match=r"expected image feature maps \(B, 8, H, W\)"):
+        img(torch.randn(2, 8, 5))
+    with pytest.raises(ValueError, match=r"image feature maps need indices \(B, H, W, M\)"):
+        img.get_output_from_indices(torch.zeros(2, 5, 2, dtype=torch.int64))
+    cf = ProductQuantizer(8, 2, 4, channel_last=False)
+    with pytest.raises(ValueError, match=r"channel_last=False expects \(B, 8, N\)"):
+        cf(torch.randn(2, 5, 8))
+    with pytest.raises(RuntimeError, match="sync_distributed=True but torch.distributed"):
+        ProductQuantizer(8, 2, 4, sync_distributed=True)(torch.randn(3, 8))
