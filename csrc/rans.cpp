@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <exception>
 #include <thread>
 
@@ -110,15 +111,75 @@ void check_precision(int precision) {
 //     symbol, s = float(2^P - K) / float(T), f_i = 1 + floor(float(t_i) * s),
 //     d = 2^P - sum f_i; if d >= 0: f_a += d, else remove the excess one symbol at a time in
 //     index order, taking at most f_i - 1 from each.
-void quantize_row(const float* p, int64_t k, int precision, uint32_t* f, int64_t row) {
-  float m = 0.0f;
-  bool bad = false;
+// The row loops below are compiled for AVX-512 / AVX2 / baseline and picked at load time. The
+// results are identical on every path: the float ops are single IEEE operations applied
+// elementwise (vectorising changes no rounding), and the only reductions are max and integer
+// sums, which do not depend on order.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(PQMIM_NO_CLONES)
+#define PQMIM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PQMIM_CLONES
+#endif
+
+namespace {
+
+struct RowScan {
+  float max;
+  bool bad;
+};
+
+PQMIM_CLONES RowScan scan_row(const float* p, int64_t k) {
+  // The max is taken over the bit patterns with the sign cleared: for non-negative floats the
+  // integer order is the float order, and an integer max vectorises (a float max with NaN
+  // semantics does not). inf/NaN patterns compare above FLT_MAX's.
+  int32_t mb = 0;
+  int bad = 0;
   for (int64_t i = 0; i < k; ++i) {
     float v = p[i];
-    bad |= !(v >= 0.0f && v <= FLT_MAX);  // NaN fails both comparisons
-    m = v > m ? v : m;
+    int32_t b;
+    std::memcpy(&b, &v, sizeof b);
+    bad |= !(v >= 0.0f);  // negative or NaN (-0.0 passes)
+    b &= 0x7fffffff;
+    mb = b > mb ? b : mb;
   }
-  if (bad) throw Error(row_msg("probs", row) + " contains NaN, infinite or negative values");
+  float m;
+  std::memcpy(&m, &mb, sizeof m);
+  return {m, bad != 0 || !(m <= FLT_MAX)};
+}
+
+PQMIM_CLONES int64_t sum_weights(const float* p, int64_t k, float c1, float c2) {
+  int64_t total = 0;
+  for (int64_t i = 0; i < k; ++i)
+    total += static_cast<int32_t>(std::floor((p[i] * c1) * c2));  // < 2^24, exact in int32
+  return total;
+}
+
+// f_i = max(1, floor(floor(p_i c1 c2) * s)) + bias; returns sum f_i.
+PQMIM_CLONES int64_t make_freqs(const float* p, int64_t k, float c1, float c2, float s,
+                                int32_t lo, int32_t bias, uint32_t* f) {
+  int64_t sum = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    float t = std::floor((p[i] * c1) * c2);
+    int32_t q = static_cast<int32_t>(std::floor(t * s));  // <= 2^25 (t <= T)
+    q = (q < lo ? lo : q) + bias;
+    f[i] = static_cast<uint32_t>(q);
+    sum += q;
+  }
+  return sum;
+}
+
+}  // namespace
+
+static PQMIM_CLONES uint32_t sum_u32(const uint32_t* f, int64_t n) {
+  uint32_t c = 0;  // sums of frequencies stay <= 2^24
+  for (int64_t i = 0; i < n; ++i) c += f[i];
+  return c;
+}
+
+void quantize_row(const float* p, int64_t k, int precision, uint32_t* f, int64_t row) {
+  RowScan sc = scan_row(p, k);
+  if (sc.bad) throw Error(row_msg("probs", row) + " contains NaN, infinite or negative values");
+  const float m = sc.max;
   if (m == 0.0f) throw Error(row_msg("probs", row) + " sums to zero (all probabilities are 0)");
   int e = 0;
   std::frexp(m, &e);
@@ -127,41 +188,17 @@ void quantize_row(const float* p, int64_t k, int precision, uint32_t* f, int64_t
   int sh = 24 - e;
   float c1 = std::ldexp(1.0f, std::min(sh, 127));
   float c2 = std::ldexp(1.0f, std::max(sh - 127, 0));
-  int64_t total = 0;
-  int64_t a = -1;
-  for (int64_t i = 0; i < k; ++i) {
-    float t = std::floor((p[i] * c1) * c2);
-    total += static_cast<int64_t>(t);
-  }
-  for (int64_t i = 0; i < k; ++i)
-    if (p[i] == m) {
-      a = i;
-      break;
-    }
+  const int64_t total = sum_weights(p, k, c1, c2);
+  int64_t a = 0;
+  while (p[a] != m) ++a;
   const int64_t M = int64_t{1} << precision;
   const float tf = static_cast<float>(total);
-  float s = static_cast<float>(M) / tf;
-  int64_t sum = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    float t = std::floor((p[i] * c1) * c2);
-    float q = std::floor(t * s);
-    q = q < 1.0f ? 1.0f : q;
-    f[i] = static_cast<uint32_t>(q);
-    sum += f[i];
-  }
-  int64_t d = M - sum;
+  int64_t d = M - make_freqs(p, k, c1, c2, static_cast<float>(M) / tf, 1, 0, f);
   if (static_cast<int64_t>(f[a]) + d >= 1) {
     f[a] = static_cast<uint32_t>(static_cast<int64_t>(f[a]) + d);
     return;
   }
-  s = static_cast<float>(M - k) / tf;
-  sum = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    float t = std::floor((p[i] * c1) * c2);
-    f[i] = 1u + static_cast<uint32_t>(std::floor(t * s));
-    sum += f[i];
-  }
-  d = M - sum;
+  d = M - make_freqs(p, k, c1, c2, static_cast<float>(M - k) / tf, 0, 1, f);
   if (d >= 0) {
     f[a] += static_cast<uint32_t>(d);
     return;
@@ -230,9 +267,7 @@ void Encoder::push_probs(const int64_t* symbols, const float* probs, int64_t n, 
         int64_t s = symbols[r];
         check_symbol(s, k, r);
         quantize_row(probs + r * k, k, precision_, f.data(), r);
-        uint32_t c = 0;
-        for (int64_t i = 0; i < s; ++i) c += f[i];
-        start_[base + r] = c;
+        start_[base + r] = sum_u32(f.data(), s);
         freq_[base + r] = f[s];
       }
     });

@@ -1,0 +1,513 @@
+"""rANS coder (pqmim_kernels.coding): round trips, byte identity with the pure-Python
+reference, quantiser spec, overhead vs. ideal, error messages and corrupted streams."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pqmim_kernels import coding
+from pqmim_kernels.coding import (
+    RansDecoder,
+    RansEncoder,
+    decode_probs,
+    encode_probs,
+    quantize_probs,
+)
+from pqmim_kernels.reference import rans as ref
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_probs(rng: np.random.Generator, n: int, k: int, kind: str) -> np.ndarray:
+    """(n, k) float32 rows of a named shape (not necessarily normalised)."""
+    if kind == "uniform":
+        return np.full((n, k), 1.0 / k, np.float32)
+    if kind == "onehot":
+        p = np.zeros((n, k), np.float32)
+        p[np.arange(n), rng.integers(0, k, n)] = 1.0
+        return p
+    if kind == "nearzero":  # tiny magnitudes down to the subnormal range
+        return (rng.random((n, k)) * 1e-38).astype(np.float32)
+    if kind == "skewed":  # softmax of large logits: one or two symbols hold nearly all mass
+        lg = rng.normal(size=(n, k)) * 12.0
+        return softmax(lg)
+    if kind == "softmax":
+        return softmax(rng.normal(size=(n, k)) * 2.0)
+    if kind == "peaked":
+        lg = rng.normal(size=(n, k)) * 8.0
+        lg[:, 0] += 10.0
+        return softmax(lg)
+    raise AssertionError(kind)
+
+
+def softmax(lg: np.ndarray) -> np.ndarray:
+    e = np.exp(lg - lg.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def sample(rng: np.random.Generator, p: np.ndarray) -> np.ndarray:
+    """One symbol per row drawn from p (rows renormalised in float64)."""
+    if p.shape[0] == 0:
+        return np.zeros(0, np.int64)
+    q = p.astype(np.float64)
+    c = np.cumsum(q / q.sum(axis=1, keepdims=True), axis=1)
+    return np.minimum((rng.random(len(p))[:, None] > c).sum(axis=1), p.shape[1] - 1)
+
+
+KINDS = ["uniform", "onehot", "nearzero", "skewed", "softmax", "peaked"]
+
+# ----------------------------------------------------------------------------- quantiser
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", [1, 2, 3, 256, 1000])
+def test_quantize_matches_reference_and_is_a_cdf(kind, k):
+    rng = np.random.default_rng(k)
+    p = make_probs(rng, 64, k, kind)
+    for precision in (k.bit_length() if k > 1 else 1, 12, 16, 24):
+        if k > 1 << precision:
+            continue
+        c = quantize_probs(p, precision)
+        assert c.dtype == np.int32 and c.shape == (64, k + 1)
+        np.testing.assert_array_equal(c, ref.quantize_probs(p, precision))
+        assert (c[:, 0] == 0).all() and (c[:, -1] == 1 << precision).all()
+        assert (np.diff(c, axis=1) >= 1).all()
+
+
+def test_quantize_edge_values_match_reference():
+    # Subnormal maxima (scale 2^(24-e) beyond float range), huge values, exact zeros, -0.0,
+    # and rows where K^2 > 2^P so the reserve fallback and the excess removal run.
+    tiny = np.float32(1e-45)
+    rows = [
+        [tiny, 0, tiny * 3, 0],
+        [3e38, 1e38, 0, 1],
+        [-0.0, 1, 0, 0],
+        [1, 1, 1, 1],
+    ]
+    p = np.asarray(rows, np.float32)
+    np.testing.assert_array_equal(quantize_probs(p, 8), ref.quantize_probs(p, 8))
+    rng = np.random.default_rng(1)
+    for k, precision in [(65536, 16), (65536, 17), (4000, 12), (300, 9), (4096, 12)]:
+        p = make_probs(rng, 3, k, "skewed")
+        p[1] = make_probs(rng, 1, k, "softmax")[0]
+        c = quantize_probs(p, precision)
+        np.testing.assert_array_equal(c, ref.quantize_probs(p, precision))
+        assert (np.diff(c, axis=1) >= 1).all() and (c[:, -1] == 1 << precision).all()
+
+
+def test_quantize_dtypes_torch_and_threads():
+    rng = np.random.default_rng(2)
+    p = make_probs(rng, 300, 77, "softmax")
+    c = quantize_probs(p)
+    np.testing.assert_array_equal(
+        quantize_probs(p.astype(np.float16)),
+        quantize_probs(p.astype(np.float16).astype(np.float32)),
+    )
+    np.testing.assert_array_equal(quantize_probs(torch.from_numpy(p)), c)
+    np.testing.assert_array_equal(quantize_probs(p, num_threads=2), c)
+    bf = torch.from_numpy(p).bfloat16()
+    np.testing.assert_array_equal(quantize_probs(bf), quantize_probs(bf.float().numpy()))
+    # Not normalised: scaling a row by a power of two changes nothing.
+    np.testing.assert_array_equal(quantize_probs(p * 64), c)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    k=st.integers(1, 600),
+    n=st.integers(0, 20),
+    precision=st.integers(10, 24),
+    seed=st.integers(0, 2**32 - 1),
+    kind=st.sampled_from(KINDS),
+)
+def test_quantize_property(k, n, precision, seed, kind):
+    if k > 1 << precision:
+        precision = k.bit_length()
+    p = make_probs(np.random.default_rng(seed), n, k, kind)
+    np.testing.assert_array_equal(quantize_probs(p, precision), ref.quantize_probs(p, precision))
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+def roundtrip_all_forms(rng, symbols, probs, precision=None, lanes=None):
+    """Codes the same symbols in all three forms; checks decode and that the bytes agree."""
+    n, k = probs.shape
+    cdfs = quantize_probs(probs, precision)
+    data = encode_probs(symbols, probs, precision)
+    np.testing.assert_array_equal(decode_probs(data, probs, precision), symbols)
+
+    enc = RansEncoder(precision, lanes=lanes)
+    enc.encode_cdfs(symbols, cdfs)
+    data_c = enc.finish()
+    dec = RansDecoder(data_c, precision)
+    np.testing.assert_array_equal(dec.decode_cdfs(cdfs), symbols)
+    dec.finish()
+    if lanes is None:
+        assert data_c == data
+
+    # indexed form: the distinct rows form the table
+    table, indexes = np.unique(cdfs, axis=0, return_inverse=True) if n else (cdfs[:1], cdfs[:0, 0])
+    if n == 0:
+        table = quantize_probs(np.ones((1, k), np.float32), precision)
+    enc = RansEncoder(precision, lanes=lanes)
+    enc.encode_indexed(symbols, indexes.reshape(-1), table)
+    data_i = enc.finish()
+    assert data_i == data_c
+    dec = RansDecoder(data_i, precision)
+    np.testing.assert_array_equal(dec.decode_indexed(indexes.reshape(-1), table), symbols)
+    dec.finish()
+    return data
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    logk=st.floats(1.0, 16.0),
+    logn=st.floats(0.0, 5.0),
+    kind=st.sampled_from(KINDS),
+    seed=st.integers(0, 2**32 - 1),
+    precision=st.sampled_from([None, 16, 20, 24]),
+)
+def test_roundtrip_property(logk, logn, kind, seed, precision):
+    # K from 2 to 65,536 and N from 0 to 100,000, with N * K capped so the float input stays
+    # under ~4M values (the large-N cases use small K and vice versa).
+    k = max(2, min(65536, round(2**logk)))
+    n = round(10**logn) - 1
+    n = min(n, max(1, 4_000_000 // k))
+    if precision is not None and k > 1 << precision:
+        precision = 24
+    rng = np.random.default_rng(seed)
+    p = make_probs(rng, n, k, kind)
+    s = sample(rng, p)
+    if kind == "onehot" and n:  # also code symbols whose probability is exactly 0
+        s[::3] = rng.integers(0, k, len(s[::3]))
+    roundtrip_all_forms(rng, s, p, precision)
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 4, 8])
+@pytest.mark.parametrize("n", [0, 1, 5, 9, 33])
+def test_lanes_and_ragged_counts(lanes, n):
+    rng = np.random.default_rng(n * 10 + lanes)
+    p = make_probs(rng, n, 13, "softmax")
+    s = sample(rng, p)
+    roundtrip_all_forms(rng, s, p, lanes=lanes)
+
+
+def test_many_calls_one_stream_fifo_order():
+    # A multi-stage model: stages of different sizes, forms and K, decoded stage by stage in
+    # the order they were encoded (the coder reverses internally).
+    rng = np.random.default_rng(3)
+    stages = []
+    enc = RansEncoder()
+    for i in range(40):
+        n, k = int(rng.integers(0, 50)), int(rng.integers(2, 300))
+        p = make_probs(rng, n, k, KINDS[i % len(KINDS)])
+        s = sample(rng, p)
+        form = i % 3
+        if form == 0:
+            enc.encode_probs(s, p)
+        elif form == 1:
+            enc.encode_cdfs(s, quantize_probs(p))
+        else:
+            enc.encode_indexed(
+                s, np.arange(n), quantize_probs(p) if n else np.array([[0, 1 << 24]])
+            )
+        stages.append((form, s, p))
+    assert enc.pending == sum(len(s) for _, s, _ in stages)
+    data = enc.finish()
+    assert enc.pending == 0
+    dec = RansDecoder(data)
+    for form, s, p in stages:
+        if form == 0:
+            out = dec.decode_probs(p)
+        elif form == 1:
+            out = dec.decode_cdfs(quantize_probs(p))
+        else:
+            out = dec.decode_indexed(
+                np.arange(len(s)), quantize_probs(p) if len(s) else np.array([[0, 1 << 24]])
+            )
+        np.testing.assert_array_equal(out, s)
+    dec.finish()
+    assert dec.decoded == len(np.concatenate([s for _, s, _ in stages]))
+
+
+def test_split_differently_when_decoding():
+    # Batches may be re-split on decode as long as the order and distributions match.
+    rng = np.random.default_rng(4)
+    p = make_probs(rng, 1000, 50, "softmax")
+    s = sample(rng, p)
+    enc = RansEncoder()
+    for lo in range(0, 1000, 100):
+        enc.encode_probs(s[lo : lo + 100], p[lo : lo + 100])
+    dec = RansDecoder(enc.finish())
+    out = np.concatenate([dec.decode_probs(p[lo:hi]) for lo, hi in [(0, 7), (7, 640), (640, 1000)]])
+    np.testing.assert_array_equal(out, s)
+    dec.finish()
+
+
+def test_large_stream_interleaved_threads_and_torch():
+    rng = np.random.default_rng(5)
+    n, k = 100_000, 64
+    p = make_probs(rng, n, k, "softmax")
+    s = sample(rng, p)
+    data = encode_probs(torch.from_numpy(s), torch.from_numpy(p), num_threads=2)
+    assert data[0] & 3 == 3  # 8 interleaved lanes above 65,536 symbols
+    assert data == encode_probs(s, p)
+    np.testing.assert_array_equal(decode_probs(data, torch.from_numpy(p), num_threads=2), s)
+    np.testing.assert_array_equal(decode_probs(data, p.astype(np.float64)), s)
+
+
+def test_float16_probs_roundtrip():
+    rng = np.random.default_rng(6)
+    p = make_probs(rng, 500, 300, "softmax").astype(np.float16)
+    s = sample(rng, p.astype(np.float32))
+    data = encode_probs(s, p)
+    assert data == encode_probs(s, p.astype(np.float32))
+    np.testing.assert_array_equal(decode_probs(data, p), s)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("lanes", [None, 1, 2, 4, 8])
+@pytest.mark.parametrize("precision", [None, 9, 16])
+def test_byte_identical_with_reference(lanes, precision):
+    rng = np.random.default_rng(7 + (lanes or 0))
+    parts = []
+    enc, renc = RansEncoder(precision, lanes=lanes), ref.RansEncoder(precision, lanes=lanes)
+    for i, kind in enumerate(KINDS):
+        k = [2, 5, 77, 256, 3, 40][i]
+        p = make_probs(rng, int(rng.integers(0, 60)), k, kind)
+        s = sample(rng, p)
+        cdfs = quantize_probs(p, precision)
+        for e in (enc, renc):
+            e.encode_probs(s, p)
+            e.encode_cdfs(s, cdfs)
+            e.encode_indexed(s, np.arange(len(s)), cdfs if len(s) else cdfs.reshape(0, k + 1))
+        parts.append((s, p, cdfs))
+    data = enc.finish()
+    assert data == renc.finish()
+    dec, rdec = RansDecoder(data, precision), ref.RansDecoder(data, precision)
+    for s, p, cdfs in parts:
+        for d in (dec, rdec):
+            np.testing.assert_array_equal(d.decode_probs(p), s)
+            np.testing.assert_array_equal(d.decode_cdfs(cdfs), s)
+            np.testing.assert_array_equal(d.decode_indexed(np.arange(len(s)), cdfs), s)
+    dec.finish()
+    rdec.finish()
+
+
+def test_empty_stream_is_empty_bytes():
+    assert encode_probs(np.zeros(0, np.int64), np.zeros((0, 4), np.float32)) == b""
+    assert ref.RansEncoder().finish() == b""
+    dec = RansDecoder(b"")
+    assert dec.decode_probs(np.zeros((0, 4), np.float32)).shape == (0,)
+    dec.finish()
+
+
+# ----------------------------------------------------------------------------- overhead
+
+
+@pytest.mark.parametrize("kind", ["softmax", "peaked"])
+def test_overhead_vs_ideal_k1024(kind):
+    """Quantisation at the default precision costs <= 0.01% over -sum log2 p, and the coder
+    adds nothing beyond its framing (header and final states, a few dozen bytes)."""
+    rng = np.random.default_rng(8)
+    n, k = 20_000, 1024
+    p = make_probs(rng, n, k, kind)
+    s = sample(rng, p)
+    q = p.astype(np.float64)
+    q /= q.sum(axis=1, keepdims=True)
+    ideal = -np.log2(q[np.arange(n), s]).sum()
+    cdfs = quantize_probs(p).astype(np.int64)
+    freq = cdfs[np.arange(n), s + 1] - cdfs[np.arange(n), s]
+    quantised = -np.log2(freq / 2.0**24).sum()
+    # the sampled symbols' cost is noisy; the expectation (KL) is the stable measure
+    f = np.diff(cdfs, axis=1) / 2.0**24
+    kl = (q * np.log2(q / f, where=q > 0, out=np.zeros_like(q))).sum()
+    entropy = -(q * np.log2(q, where=q > 0, out=np.zeros_like(q))).sum()
+    assert kl / entropy <= 1e-4, f"expected quantisation overhead {100 * kl / entropy:.5f}%"
+    data = encode_probs(s, p)
+    framing_bits = 8 * (1 + 8)  # header + one state (1 lane below 65,536 symbols)
+    assert 8 * len(data) <= quantised + framing_bits + 32
+    assert (8 * len(data) - ideal) / ideal <= 1e-4 + (framing_bits + 32) / ideal
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_input_errors():
+    p = np.full((3, 4), 0.25, np.float32)
+    s = np.array([0, 1, 2])
+    enc = RansEncoder()
+    with pytest.raises(ValueError, match=r"symbols\[1\] = 7 is out of range \[0, 4\)"):
+        enc.encode_probs(np.array([0, 7, 1]), p)
+    with pytest.raises(ValueError, match=r"symbols\[0\] = -1 is out of range"):
+        enc.encode_cdfs(np.array([-1, 0, 0]), quantize_probs(p))
+    with pytest.raises(ValueError, match="probs has 3 rows but symbols has 2 entries"):
+        enc.encode_probs(s[:2], p)
+    with pytest.raises(ValueError, match=r"probs must be 2-D \(N, K\)"):
+        enc.encode_probs(s, p[0])
+    with pytest.raises(ValueError, match=r"symbols must be 1-D"):
+        enc.encode_probs(s[:, None], p)
+    with pytest.raises(TypeError, match="symbols must hold integers"):
+        enc.encode_probs(s.astype(np.float32), p)
+    with pytest.raises(TypeError, match="probs must be float32, float16 or float64"):
+        enc.encode_probs(s, p.astype(np.int32))
+    bad = p.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match="probs row 2 contains NaN, infinite or negative"):
+        enc.encode_probs(s, bad)
+    bad[2, 1] = -0.1
+    with pytest.raises(ValueError, match="probs row 2 contains NaN, infinite or negative"):
+        quantize_probs(bad)
+    bad[2, 1] = np.inf
+    with pytest.raises(ValueError, match="probs row 2 contains NaN, infinite or negative"):
+        RansDecoder(encode_probs(s, p)).decode_probs(bad)
+    bad[1] = 0
+    bad[2] = 0.25
+    with pytest.raises(ValueError, match="probs row 1 sums to zero"):
+        enc.encode_probs(s, bad)
+    assert enc.pending == 0  # failed calls buffer nothing
+    with pytest.raises(ValueError, match=r"precision must be in \[1, 24\], got 25"):
+        RansEncoder(25)
+    with pytest.raises(ValueError, match=r"precision must be in \[1, 24\], got 0"):
+        quantize_probs(p, 0)
+    with pytest.raises(TypeError, match="precision must be an int"):
+        RansDecoder(b"", 16.0)
+    with pytest.raises(ValueError, match=r"alphabet size K = 5 exceeds 2\^precision = 4"):
+        quantize_probs(np.ones((1, 5), np.float32), 2)
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+        RansEncoder(num_threads=0)
+    with pytest.raises(ValueError, match="lanes must be None, 1, 2, 4 or 8"):
+        RansEncoder(lanes=3)
+    with pytest.raises(TypeError, match="data must be bytes-like"):
+        RansDecoder("abc")
+    with pytest.raises(ValueError, match="must be a CPU tensor"):
+        quantize_probs(torch.empty((1, 2), device="meta"))
+
+
+def test_cdf_and_table_errors():
+    enc = RansEncoder(8)
+    good = quantize_probs(np.ones((2, 4), np.float32), 8)
+    s = np.array([1, 2])
+    wrong_total = good.copy()
+    wrong_total[:, -1] = 255
+    with pytest.raises(ValueError, match="cdfs row 0 is not a valid CDF for symbol 1"):
+        enc.encode_cdfs(s, wrong_total)
+    flat = good.copy()
+    flat[1, 3] = flat[1, 2]
+    with pytest.raises(ValueError, match="cdfs row 1 is not a valid CDF for symbol 2"):
+        enc.encode_cdfs(s, flat)
+    with pytest.raises(ValueError, match=r"cdfs values must lie in \[0, 2\^precision = 256\]"):
+        enc.encode_cdfs(s, good.astype(np.int64) * 2)
+    with pytest.raises(TypeError, match="cdfs must hold integers"):
+        enc.encode_cdfs(s, good.astype(np.float32))
+    with pytest.raises(ValueError, match=r"cdfs must have K \+ 1 >= 2 columns, got 1"):
+        enc.encode_cdfs(s, good[:, :1])
+    with pytest.raises(ValueError, match="cdfs has 2 rows but symbols has 1 entries"):
+        enc.encode_cdfs(s[:1], good)
+    with pytest.raises(ValueError, match="cdf_table row 1 is not strictly increasing at entry 3"):
+        enc.encode_indexed(s, np.array([0, 1]), flat)
+    with pytest.raises(ValueError, match="cdf_table row 0 must start at 0 and end at 2"):
+        enc.encode_indexed(s, np.array([0, 1]), wrong_total)
+    with pytest.raises(ValueError, match=r"indexes\[1\] = 2 is out of range \[0, 2\)"):
+        enc.encode_indexed(s, np.array([0, 2]), good)
+    with pytest.raises(ValueError, match="indexes has 1 rows but symbols has 2 entries"):
+        enc.encode_indexed(s, np.array([0]), good)
+    assert enc.pending == 0
+    enc.encode_cdfs(s, good)
+    data = enc.finish()
+    with pytest.raises(ValueError, match=r"indexes\[0\] = -1 is out of range"):
+        RansDecoder(data, 8).decode_indexed(np.array([-1, 0]), good)
+    with pytest.raises(ValueError, match="cdfs row 0 is not a valid CDF"):
+        RansDecoder(data, 8).decode_cdfs(wrong_total)
+
+
+def test_decoder_errors():
+    rng = np.random.default_rng(9)
+    p = make_probs(rng, 200, 16, "softmax")
+    s = sample(rng, p)
+    data = encode_probs(s, p)
+    with pytest.raises(ValueError, match="precision 24 but the decoder uses precision 16"):
+        RansDecoder(data, 16)
+    with pytest.raises(ValueError, match="cannot decode 3 symbols from an empty rANS stream"):
+        RansDecoder(b"").decode_probs(p[:3])
+    dec = RansDecoder(data)
+    dec.decode_probs(p[:150])
+    with pytest.raises(ValueError, match=r"not fully consumed: \d+ bytes left after 150"):
+        dec.finish()
+    with pytest.raises(ValueError, match="ran out of bytes after decoding"):
+        dec.decode_probs(np.concatenate([p[150:], p, p]))
+    with pytest.raises(ValueError, match="final-state check"):
+        # same length, different distributions: detected by the final-state check
+        decode_probs(data, make_probs(rng, 200, 16, "softmax"))
+    with pytest.raises(ValueError, match="reserved header bit"):
+        RansDecoder(bytes([data[0] | 4]) + data[1:])
+    with pytest.raises(ValueError, match="shorter than its header and states"):
+        RansDecoder(data[:4])
+
+
+# ----------------------------------------------------------------------------- corruption
+
+
+def _decode_outcome(data: bytes, probs: np.ndarray, n: int) -> str:
+    """'caught' if any step raises ValueError, else 'silent' (never crashes)."""
+    try:
+        dec = RansDecoder(data)
+        dec.decode_probs(probs[:n])
+        dec.finish()
+    except ValueError:
+        return "caught"
+    return "silent"
+
+
+@pytest.mark.parametrize("lanes", [1, 8])
+def test_corruption_is_caught(lanes):
+    """Every truncation and every single-bit flip of these streams is caught (the final-state
+    check is ~31 bits per lane); random foreign bytes are caught too."""
+    rng = np.random.default_rng(10 + lanes)
+    n, k = 120, 40
+    p = make_probs(rng, n, k, "softmax")
+    s = sample(rng, p)
+    enc = RansEncoder(lanes=lanes)
+    enc.encode_probs(s, p)
+    data = enc.finish()
+    assert _decode_outcome(data, p, n) == "silent"
+    for cut in range(len(data)):
+        assert _decode_outcome(data[:cut], p, n) == "caught", cut
+    for bit in range(8 * len(data)):
+        flipped = bytearray(data)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        assert _decode_outcome(bytes(flipped), p, n) == "caught", bit
+    for trial in range(200):
+        foreign = rng.integers(0, 256, int(rng.integers(0, 2 * len(data)))).astype(np.uint8)
+        assert _decode_outcome(foreign.tobytes(), p, n) == "caught", trial
+    # an appended byte shifts the lane-0 state length: caught as well
+    assert _decode_outcome(data + b"\0", p, n) == "caught"
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def test_stale_or_missing_extension_says_how_to_rebuild(monkeypatch):
+    from pqmim_kernels.coding import _ext
+
+    monkeypatch.setitem(sys.modules, "pqmim_kernels._rans", types.ModuleType("stale"))
+    with pytest.raises(ImportError, match=r"is stale \(ABI version None.*pip install -e \."):
+        _ext.load_extension()
+    monkeypatch.setitem(sys.modules, "pqmim_kernels._rans", None)
+    with pytest.raises(ImportError, match=r"missing or broken.*pip install -e \."):
+        _ext.load_extension()
+
+
+def test_public_names():
+    assert coding.DEFAULT_PRECISION == 24 and coding.MAX_PRECISION == 24
+    for name in coding.__all__:
+        assert getattr(coding, name).__doc__ or isinstance(getattr(coding, name), int)
