@@ -511,3 +511,18 @@ def test_public_names():
     assert coding.DEFAULT_PRECISION == 24 and coding.MAX_PRECISION == 24
     for name in coding.__all__:
         assert getattr(coding, name).__doc__ or isinstance(getattr(coding, name), int)
+
+
+def test_undetectable_flip_on_uniform_rows_is_documented():
+    """The limit of the final-state check: with uniform rows every bit pattern is a valid
+    message, so a flipped low bit of the first word read decodes a neighbouring symbol of the
+    same frequency and offset, the state is unchanged, and nothing is detected. Callers that
+    need integrity (the .pqm format) add their own checksum of the decoded codes."""
+    n, k = 40, 256
+    p = np.full((n, k), 1.0 / k, np.float32)
+    s = np.arange(n) % k
+    data = encode_probs(s, p, 8)
+    flipped = bytearray(data)
+    flipped[1] ^= 1  # lowest bit of the state: slot + 1 -> next symbol, same frequency
+    out = decode_probs(bytes(flipped), p, 8)  # no error ...
+    assert (out != s).sum() == 1  # ... but one symbol is wrong

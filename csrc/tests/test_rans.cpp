@@ -1,0 +1,207 @@
+// C++ unit tests for the rANS core: plain checks, no framework. Run under ctest, also with
+// AddressSanitizer + UBSan (-DPQMIM_SANITIZE=ON), which is what gives the corrupted-stream
+// tests their teeth: decoding garbage must throw Error or finish, never touch bad memory.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "rans.hpp"
+
+namespace rc = pqmim::rans;
+
+#define CHECK(cond)                                                                   \
+  do {                                                                                \
+    if (!(cond)) {                                                                    \
+      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);   \
+      std::exit(1);                                                                   \
+    }                                                                                 \
+  } while (0)
+
+template <class Fn>
+bool throws(Fn fn) {
+  try {
+    fn();
+  } catch (const rc::Error&) {
+    return true;
+  }
+  return false;
+}
+
+namespace {
+
+struct Case {
+  int64_t n, k;
+  int precision, lanes;
+  std::vector<float> probs;
+  std::vector<int32_t> cdfs;
+  std::vector<int64_t> symbols;
+};
+
+Case random_case(std::mt19937_64& rng, int64_t max_n, int64_t max_k) {
+  Case c;
+  c.n = static_cast<int64_t>(rng() % static_cast<uint64_t>(max_n + 1));
+  c.k = 1 + static_cast<int64_t>(rng() % static_cast<uint64_t>(max_k));
+  int minp = 1;
+  while ((int64_t{1} << minp) < c.k) ++minp;
+  c.precision = minp + static_cast<int>(rng() % static_cast<uint64_t>(rc::kMaxPrecision - minp + 1));
+  static const int kLanes[5] = {0, 1, 2, 4, 8};
+  c.lanes = kLanes[rng() % 5];
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  std::normal_distribution<float> g(0.0f, 1.0f + 6.0f * u(rng));
+  c.probs.resize(static_cast<size_t>(c.n * c.k));
+  int kind = static_cast<int>(rng() % 4);
+  for (auto& v : c.probs) {
+    if (kind == 0) v = std::exp(g(rng));                     // softmax-like
+    else if (kind == 1) v = u(rng) < 0.9f ? 0.0f : u(rng);   // sparse (zeros)
+    else if (kind == 2) v = u(rng) * 1e-40f;                 // subnormal
+    else v = 1.0f;                                           // uniform
+  }
+  for (int64_t r = 0; r < c.n; ++r) c.probs[static_cast<size_t>(r * c.k)] += 1e-30f;  // no zero rows
+  c.cdfs.resize(static_cast<size_t>(c.n * (c.k + 1)));
+  rc::quantize_probs(c.probs.data(), c.n, c.k, c.precision, c.cdfs.data(), 1);
+  c.symbols.resize(static_cast<size_t>(c.n));
+  for (auto& s : c.symbols) s = static_cast<int64_t>(rng() % static_cast<uint64_t>(c.k));
+  return c;
+}
+
+void test_quantizer_invariants(std::mt19937_64& rng) {
+  for (int it = 0; it < 300; ++it) {
+    Case c = random_case(rng, 8, 3000);
+    for (int64_t r = 0; r < c.n; ++r) {
+      const int32_t* cdf = c.cdfs.data() + r * (c.k + 1);
+      CHECK(cdf[0] == 0 && cdf[c.k] == (int32_t{1} << c.precision));
+      for (int64_t i = 0; i < c.k; ++i) CHECK(cdf[i] < cdf[i + 1]);
+    }
+  }
+  // Exactly uniform rows with K a power of two get exactly equal frequencies.
+  std::vector<float> p(256, 0.5f);
+  std::vector<uint32_t> f(256);
+  rc::quantize_row(p.data(), 256, 16, f.data(), 0);
+  for (uint32_t v : f) CHECK(v == 256);
+}
+
+void test_roundtrips(std::mt19937_64& rng) {
+  for (int it = 0; it < 1500; ++it) {
+    Case c = random_case(rng, 300, 600);
+    rc::Encoder enc(c.precision, c.lanes, 1 + it % 2);
+    // Split into up to three calls with the three forms; the decoder mirrors the split.
+    int64_t a = c.n / 3, b = 2 * c.n / 3;
+    enc.push_probs(c.symbols.data(), c.probs.data(), a, c.k);
+    enc.push_cdfs(c.symbols.data() + a, c.cdfs.data() + a * (c.k + 1), b - a, c.k);
+    std::vector<int64_t> idx(static_cast<size_t>(c.n - b));
+    for (size_t i = 0; i < idx.size(); ++i) idx[i] = static_cast<int64_t>(i);
+    enc.push_indexed(c.symbols.data() + b, idx.data(), c.n - b, c.cdfs.data() + b * (c.k + 1),
+                     c.n - b, c.k);
+    CHECK(enc.pending() == c.n);
+    std::vector<uint8_t> data = enc.finish();
+    CHECK(enc.pending() == 0);
+    CHECK((c.n == 0) == data.empty());
+
+    std::vector<int64_t> out(static_cast<size_t>(c.n), -1);
+    rc::Decoder dec(data.data(), data.size(), c.precision, 1 + it % 2);
+    dec.pop_probs(c.probs.data(), a, c.k, out.data());
+    dec.pop_cdfs(c.cdfs.data() + a * (c.k + 1), b - a, c.k, out.data() + a);
+    dec.pop_indexed(idx.data(), c.n - b, c.cdfs.data() + b * (c.k + 1), c.n - b, c.k,
+                    out.data() + b);
+    dec.finish();
+    CHECK(out == c.symbols);
+  }
+}
+
+// Decodes `data` as a stream of c's symbols; returns true if an Error was raised anywhere.
+bool decode_caught(const std::vector<uint8_t>& data, const Case& c) {
+  std::vector<int64_t> out(static_cast<size_t>(c.n));
+  return throws([&] {
+    rc::Decoder dec(data.data(), data.size(), c.precision);
+    dec.pop_cdfs(c.cdfs.data(), c.n, c.k, out.data());
+    dec.finish();
+  });
+}
+
+void test_corrupted_streams(std::mt19937_64& rng) {
+  int64_t flips = 0, flips_caught = 0, foreign = 0, foreign_caught = 0, cuts = 0;
+  for (int it = 0; it < 400; ++it) {
+    Case c = random_case(rng, 200, 300);
+    if (c.n == 0) continue;
+    rc::Encoder enc(c.precision, c.lanes);
+    enc.push_cdfs(c.symbols.data(), c.cdfs.data(), c.n, c.k);
+    std::vector<uint8_t> data = enc.finish();
+    CHECK(!decode_caught(data, c));
+    // Every strict prefix is rejected (a miss would need a shifted decode to end exactly in
+    // the initial states).
+    for (size_t cut = 0; cut < data.size(); cut += 1 + data.size() / 16, ++cuts) {
+      std::vector<uint8_t> t(data.begin(), data.begin() + static_cast<ptrdiff_t>(cut));
+      CHECK(decode_caught(t, c));
+    }
+    for (int flip = 0; flip < 8; ++flip) {
+      std::vector<uint8_t> t = data;
+      size_t bit = rng() % (8 * t.size());
+      t[bit / 8] ^= static_cast<uint8_t>(1u << (bit % 8));
+      ++flips;
+      flips_caught += decode_caught(t, c);
+    }
+    std::vector<uint8_t> junk(rng() % 300);
+    for (auto& v : junk) v = static_cast<uint8_t>(rng());
+    ++foreign;
+    foreign_caught += decode_caught(junk, c);
+  }
+  std::printf("truncations caught: %lld of %lld; bit flips caught: %lld of %lld; "
+              "foreign streams caught: %lld of %lld\n",
+              static_cast<long long>(cuts), static_cast<long long>(cuts),
+              static_cast<long long>(flips_caught), static_cast<long long>(flips),
+              static_cast<long long>(foreign_caught), static_cast<long long>(foreign));
+  CHECK(foreign_caught == foreign);
+  // Not every flip can be caught: one that moves a slot into a neighbouring symbol with the
+  // same frequency and offset leaves the state unchanged and decodes a different, equally
+  // valid message (common here: uniform, sparse and low-precision rows are part of the mix).
+  CHECK(flips_caught * 10 >= flips * 6);
+}
+
+void test_errors() {
+  CHECK(throws([] { rc::Encoder e(0); }));
+  CHECK(throws([] { rc::Encoder e(25); }));
+  CHECK(throws([] { rc::Encoder e(16, 3); }));
+  std::vector<float> p = {0.5f, 0.5f, 0.0f};
+  int64_t s_bad = 3, s_ok = 2;
+  rc::Encoder e(16);
+  CHECK(throws([&] { e.push_probs(&s_bad, p.data(), 1, 3); }));
+  e.push_probs(&s_ok, p.data(), 1, 3);  // zero probability still codes (frequency 1)
+  p[0] = -1.0f;
+  CHECK(throws([&] { e.push_probs(&s_ok, p.data(), 1, 3); }));
+  p[0] = std::nanf("");
+  CHECK(throws([&] { e.push_probs(&s_ok, p.data(), 1, 3); }));
+  p.assign(3, 0.0f);
+  CHECK(throws([&] { e.push_probs(&s_ok, p.data(), 1, 3); }));
+  CHECK(e.pending() == 1);
+  std::vector<int32_t> table = {0, 10, 5, 16};  // not increasing
+  int64_t idx = 0, sym = 0;
+  CHECK(throws([&] { rc::check_cdf_table(table.data(), 1, 3, 4); }));
+  CHECK(throws([&] { e.push_indexed(&sym, &idx, 1, table.data(), 1, 3); }));
+  std::vector<int32_t> cdf = {0, 3, 17};  // wrong total
+  CHECK(throws([&] { e.push_cdfs(&sym, cdf.data(), 1, 2); }));
+  std::vector<float> big(70000, 1.0f);
+  CHECK(throws([&] { e.push_probs(&sym, big.data(), 1, 70000); }));  // K > 2^16
+  std::vector<uint8_t> data = e.finish();
+  CHECK(throws([&] { rc::Decoder d(data.data(), data.size(), 15); }));  // precision mismatch
+  rc::Decoder d(data.data(), data.size(), 16);
+  CHECK(throws([&] { d.finish(); }));  // nothing decoded yet
+  std::vector<uint8_t> empty;
+  rc::Decoder d0(empty.data(), 0, 16);
+  d0.finish();
+  int64_t out;
+  CHECK(throws([&] { d0.pop_cdfs(cdf.data(), 1, 2, &out); }));
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937_64 rng(12345);
+  test_errors();
+  test_quantizer_invariants(rng);
+  test_roundtrips(rng);
+  test_corrupted_streams(rng);
+  std::printf("test_rans: all checks passed\n");
+  return 0;
+}
