@@ -65,6 +65,10 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, op: str = "op") -> str
 
 __all__ += ["pq_assign", "pq_ema_statistics", "pq_quantize"]
 
+# Sub-vector length the Triton kernel holds in registers (ops.pq_assign.MAX_SUBSPACE_DIM);
+# "auto" uses the eager path (still a matmul on CUDA) beyond it.
+_PQ_TRITON_MAX_D = 256
+
 
 @torch.library.custom_op("pqmim::pq_assign", mutates_args=())
 def _pq_assign_op(
@@ -100,7 +104,8 @@ def pq_assign(
         z: (..., D) float32/float16/bfloat16, any leading shape and strides.
         codebooks: (M, K, d) float32/float16/bfloat16 with M·d = D, on z's device.
         return_distances: also return the squared distances to the chosen codewords.
-        backend: ``"auto" | "triton" | "reference"`` (see module docstring).
+        backend: ``"auto" | "triton" | "reference"`` (see module docstring). ``"auto"`` on
+            CUDA runs the Triton kernel when d ≤ 256, the chunked eager path otherwise.
 
     Returns:
         codes (..., M) int64 in [0, K), ties to the lowest index; with ``return_distances`` a
@@ -112,8 +117,15 @@ def pq_assign(
     """
     from pqmim_kernels.reference.pq import check_pq_inputs
 
-    check_pq_inputs(z, codebooks, "pq_assign")
+    _, _, d = check_pq_inputs(z, codebooks, "pq_assign")
     chosen = resolve_backend(backend, z, codebooks, op="pq_assign")
+    if chosen == "triton" and d > _PQ_TRITON_MAX_D:
+        if backend == "triton":
+            raise ValueError(
+                f"pq_assign: the Triton kernel supports sub-vector length d ≤ "
+                f"{_PQ_TRITON_MAX_D}, got d = {d}; use backend='reference' or 'auto'"
+            )
+        chosen = "reference"  # documented rule of "auto": the kernel keeps d in registers
     codes, dists = _pq_assign_op(z.detach(), codebooks.detach(), chosen)
     return (codes, dists) if return_distances else codes
 

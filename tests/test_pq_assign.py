@@ -6,6 +6,10 @@ The Triton cases run in one subprocess with TRITON_INTERPRET=1 set before Triton
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,7 @@ from pqmim_kernels import functional as F
 from pqmim_kernels.reference import pq as ref
 
 ROOT = Path(__file__).resolve().parents[1]
+WORKER_FLAG = "--pq-triton-worker"
 
 # (leading shape, M, K, d): ragged on purpose (N not a block multiple, K = 300, d = 12, d = 1).
 SHAPES = [
@@ -46,7 +51,7 @@ def assert_argmin_criterion(z, cb, codes, dists, rel=1e-5):
     full = ((z64.unsqueeze(2) - cb.double().unsqueeze(0)) ** 2).sum(-1)  # (N, M, K)
     codes = codes.reshape(-1, m)
     assert codes.dtype == torch.int64
-    assert int(codes.min()) >= 0 and int(codes.max()) < k
+    assert torch.all((codes >= 0) & (codes < k))
     scale = (z64**2).sum(-1) + (cb.double() ** 2).sum(-1).max(-1).values
     eps = rel * scale + 1e-30
     best = full.min(-1).values
@@ -61,7 +66,8 @@ def assert_argmin_criterion(z, cb, codes, dists, rel=1e-5):
         dists = dists.reshape(-1, m)
         assert dists.dtype == torch.float32
         # The returned distance is computed directly, so it is accurate relative to itself.
-        torch.testing.assert_close(dists.double(), chosen, rtol=1e-5, atol=1e-6 * scale.max())
+        atol = 1e-6 * float(scale.max()) if scale.numel() else 0.0
+        torch.testing.assert_close(dists.double(), chosen, rtol=1e-5, atol=atol)
 
 
 # ---- eager spec and chunked CPU path --------------------------------------------------------
@@ -100,18 +106,22 @@ def test_near_ties_criterion_with_clustered_codebook():
 
 
 def test_exact_ties_go_to_lowest_index():
-    cb = torch.randn(2, 6, 4)
+    # Integer values keep every score exact, so equal distances compare equal (see the Triton
+    # tie case for why general floats cannot promise that through a matmul).
+    g = torch.Generator().manual_seed(0)
+    cb = torch.randint(-2, 3, (2, 300, 4), generator=g).float()
     cb[0, 4] = cb[0, 1]
-    cb[1] = cb[1, 0]  # all codewords of sub-space 1 identical
+    cb[0, 250] = cb[0, 1]
+    cb[1] = 7.0  # all codewords of sub-space 1 identical
     z = torch.cat([cb[0, 1], torch.randn(4)]).repeat(3, 1)
-    codes = F.pq_assign(z, cb)
-    assert codes[:, 0].tolist() == [1, 1, 1]
-    assert codes[:, 1].tolist() == [0, 0, 0]
+    for chunk in (ref.DEFAULT_CHUNK_BYTES, 4 * 2 * 300):
+        codes, _ = ref.pq_assign_chunked(z, cb, max_chunk_bytes=chunk)
+        assert codes.tolist() == [[1, 0]] * 3
     # Equidistant by symmetry: z halfway between two codewords.
     cb2 = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [0.0, 5.0]]])
     z2 = torch.zeros(1, 2)
     assert F.pq_assign(z2, cb2).tolist() == [[0]]
-    assert F.pq_assign(z2, cb2.flip(1)[:, [1, 0, 2]]).tolist() == [[0]]
+    assert F.pq_assign(z2, cb2[:, [1, 0, 2]]).tolist() == [[0]]
 
 
 def test_any_strides_and_empty_input():
@@ -265,3 +275,130 @@ def test_lookup_and_statistics_errors():
         F.pq_ema_statistics(z, torch.zeros(4, 2, dtype=torch.int64), 3)
     with pytest.raises(ValueError, match=r"kmeans: x must have shape \(N, M, d\)"):
         ref.kmeans(torch.zeros(0, 2, 3), 4)
+
+
+def test_triton_rejects_long_subvectors(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    z, cb = make_inputs((2,), 1, 4, 300, torch.float32)
+    with pytest.raises(ValueError, match=r"supports sub-vector length d ≤ 256, got d = 300"):
+        F.pq_assign(z, cb, backend="triton")
+
+
+# ---- Triton kernels under the interpreter (one subprocess for every case) --------------------
+
+
+def _triton_cases():
+    """Tiny ragged inputs; each interpreted launch stays far under 1,000 program-tile steps."""
+    cases = {}
+
+    def add(name, lead, m, k, d, dtype, cb_dtype=None, seed=0, row_step=1):
+        z, cb = make_inputs(lead, m, k, d, dtype, seed)
+        if row_step > 1:  # strided rows: the worker and the checks slice z[::row_step]
+            z = torch.cat([z, torch.randn_like(z)], 0)
+        cases[name] = {"z": z, "cb": cb.to(cb_dtype or dtype), "row_step": row_step}
+
+    add("K300_d12_fp32", (37,), 3, 300, 12, torch.float32)
+    add("K300_d12_fp16", (37,), 3, 300, 12, torch.float16, seed=1)
+    add("lead3d_fp32", (2, 5, 7), 4, 17, 8, torch.float32, seed=2)
+    add("strided_fp16", (33,), 2, 64, 16, torch.float16, seed=3, row_step=2)
+    add("N1_M1_K1_d1", (1,), 1, 1, 1, torch.float32)
+    add("d3_K33_fp32", (3, 11), 5, 33, 3, torch.float32, seed=4)
+    add("bf16_z_fp32_cb", (40,), 2, 70, 8, torch.bfloat16, torch.float32, seed=5)
+    add("bf16_upcast_in_interpreter", (40,), 2, 70, 8, torch.bfloat16, seed=6)
+    # near ties: codewords 1e-4 apart around a common point
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(2, 1, 8, generator=g) * 10
+    cases["near_ties"] = {
+        "z": base.reshape(1, 16) + 1e-4 * torch.randn(50, 16, generator=g),
+        "cb": base + 1e-4 * torch.randn(2, 130, 8, generator=g),
+        "row_step": 1,
+    }
+    # Exact ties. Small integers make every dot product exact in fp32 whatever the summation
+    # order, so equal distances give bitwise-equal scores (with general floats a matmul may round
+    # two identical columns differently, and the criterion above is all that can hold).
+    cb = torch.randint(-2, 3, (2, 150, 4), generator=g).float()
+    cb[0, 10] = cb[0, 3]  # duplicate inside the first K tile (BLOCK_K = 64)
+    cb[0, 100] = cb[0, 3]  # and in a later tile
+    cb[1, 0] = torch.tensor([9.0, 9.0, 9.0, 9.0])
+    cb[1, 1:] = torch.tensor([9.0, 9.0, 9.0, 9.0])  # sub-space 1: all equal -> code 0
+    z = torch.cat([cb[0, 3], torch.zeros(4)]).repeat(3, 1)
+    cases["tie_across_tiles"] = {"z": z, "cb": cb, "row_step": 1}
+    cases["empty"] = {"z": torch.empty(0, 8), "cb": torch.randn(2, 5, 4), "row_step": 1}
+    return cases
+
+
+def _run_triton_worker(inp: str, out: str) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    results = {}
+    for name, case in torch.load(inp).items():
+        z = case["z"][:: case["row_step"]]
+        cb = case["cb"]
+        codes, dists = F.pq_assign(z, cb, return_distances=True, backend="triton")
+        counts, sums = F.pq_ema_statistics(z, codes, cb.shape[1], backend="triton")
+        results[name] = {"codes": codes, "dists": dists, "counts": counts, "sums": sums}
+    # torch.compile traces the custom op (Triton backend) as one node
+    case = torch.load(inp)["K300_d12_fp32"]
+
+    def f(z, cb):
+        return F.pq_assign(z + 0.0, cb, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    results["compiled"] = {"codes": compiled(case["z"], case["cb"])}
+    torch.save(results, out)
+
+
+@pytest.fixture(scope="module")
+def triton_results(tmp_path_factory):
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    cases = _triton_cases()
+    work = tmp_path_factory.mktemp("pq_triton")
+    inp, out = str(work / "cases.pt"), str(work / "results.pt")
+    torch.save(cases, inp)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, __file__, WORKER_FLAG, inp, out],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return cases, torch.load(out)
+
+
+TRITON_CASES = list(_triton_cases())
+
+
+@pytest.mark.parametrize("name", TRITON_CASES)
+def test_triton_kernel_interpreted(triton_results, name):
+    cases, results = triton_results
+    case, res = cases[name], results[name]
+    z = case["z"][:: case["row_step"]]
+    cb = case["cb"]
+    m, k, _ = cb.shape
+    assert res["codes"].shape == (*z.shape[:-1], m)
+    assert_argmin_criterion(z, cb, res["codes"], res["dists"])
+    exp_codes, exp_d = ref.pq_assign_chunked(z, cb)
+    torch.testing.assert_close(res["dists"], exp_d, rtol=1e-5, atol=1e-6)
+    counts, sums = ref.pq_ema_statistics(z, res["codes"], k)
+    assert torch.equal(res["counts"], counts)
+    torch.testing.assert_close(res["sums"], sums, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_tie_across_tiles_takes_lowest_index(triton_results):
+    _, results = triton_results
+    assert results["tie_across_tiles"]["codes"].tolist() == [[3, 0]] * 3
+
+
+def test_triton_custom_op_compiles_fullgraph(triton_results):
+    cases, results = triton_results
+    case = cases["K300_d12_fp32"]
+    assert torch.equal(
+        results["compiled"]["codes"], ref.pq_assign_chunked(case["z"], case["cb"])[0]
+    )
+
+
+if __name__ == "__main__" and WORKER_FLAG in sys.argv:
+    _run_triton_worker(*sys.argv[sys.argv.index(WORKER_FLAG) + 1 :][:2])

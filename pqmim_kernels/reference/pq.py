@@ -19,6 +19,11 @@ ordered wrongly. The *returned* distance is then recomputed directly as ``Σ (z 
 chosen codeword c*, which is accurate to a few ulp of the distance. Hence the test criterion:
 the distance of the chosen codeword equals the reference minimum within that eps, and the codes
 are equal wherever the reference margin (second best − best) exceeds it.
+
+Ties: equal *computed* scores go to the lowest index. Two codewords at exactly the same distance
+(e.g. duplicates) score bitwise-equal only if the matmul rounds both columns alike, which BLAS
+and tensor-core tilings do not promise; the criterion above is what holds in general, and exact
+ties are exact when the products are exact (e.g. small-integer inputs, as in the tests).
 """
 
 from __future__ import annotations
