@@ -162,3 +162,31 @@ def test_head_dim_limit_raises():
     q = torch.randn(1, 1, 4, 264, device=DEVICE)
     with pytest.raises(ValueError, match="supports head dim Dh <= 256"):
         masked_attention(q, q, q, backend="triton")
+
+
+def test_opcheck_triton_custom_op():
+    q, k, v, _, masks = _case(1, 1, 16, 20, 16, "combined", torch.float32, seed=17)
+    for t in (q, k, v):
+        t.requires_grad_()
+    torch.library.opcheck(
+        torch.ops.pqmim.masked_attention_fwd.default,
+        (q, k, v, masks["key_lengths"], masks["key_mask"], masks["attn_mask"], 0.25, "triton"),
+    )
+
+
+def test_torch_compile_fullgraph_triton_path():
+    torch._dynamo.reset()
+
+    def loss_fn(q, k, v, lengths):
+        return masked_attention(q, k, v, key_lengths=lengths, backend="triton").square().sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    q, k, v, _, masks = _case(2, 1, 16, 18, 16, "key_lengths", torch.float32, seed=18)
+    ins = [t.requires_grad_() for t in (q, k, v)]
+    got = compiled(*ins, masks["key_lengths"])
+    g_got = torch.autograd.grad(got, ins)
+    want = loss_fn(*ins, masks["key_lengths"])
+    g_want = torch.autograd.grad(want, ins)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
