@@ -281,25 +281,35 @@ void Encoder::push_probs(const int64_t* symbols, const float* probs, int64_t n, 
 void Encoder::push_cdfs(const int64_t* symbols, const int32_t* cdfs, int64_t n, int64_t k) {
   check_alphabet(k, precision_);
   const int64_t M = int64_t{1} << precision_;
-  // Only the entries the coder uses are checked (a full check would read the whole (N, K+1)
-  // array, several times the cost of coding); the decoder re-checks what it uses.
-  for (int64_t r = 0; r < n; ++r) {
-    int64_t s = symbols[r];
-    check_symbol(s, k, r);
-    const int32_t* c = cdfs + r * (k + 1);
-    if (c[0] != 0 || c[k] != M || c[s] < 0 || c[s] >= c[s + 1] || c[s + 1] > M)
-      throw Error(row_msg("cdfs", r) + " is not a valid CDF for symbol " + std::to_string(s) +
-                  " (rows must increase strictly from 0 to 2^precision = " +
-                  std::to_string(M) + ")");
-  }
+  const int64_t row = k + 1;
   size_t base = start_.size();
   start_.resize(base + static_cast<size_t>(n));
   freq_.resize(base + static_cast<size_t>(n));
+  uint32_t* st = start_.data() + base;
+  uint32_t* fr = freq_.data() + base;
+  // One pass, touching only the entries around each symbol and the row's total (prefetched a
+  // few rows ahead): a full monotonicity check would read the whole (N, K+1) array, several
+  // times the cost of coding. The decoder re-checks the entries its search uses.
+  constexpr int64_t kAhead = 16;
   for (int64_t r = 0; r < n; ++r) {
-    const int32_t* c = cdfs + r * (k + 1);
+    if (r + kAhead < n) {
+      int64_t sa = symbols[r + kAhead];
+      if (sa >= 0 && sa < k) __builtin_prefetch(cdfs + (r + kAhead) * row + sa);
+      __builtin_prefetch(cdfs + (r + kAhead) * row + k);
+    }
     int64_t s = symbols[r];
-    start_[base + r] = static_cast<uint32_t>(c[s]);
-    freq_[base + r] = static_cast<uint32_t>(c[s + 1] - c[s]);
+    const int32_t* c = cdfs + r * row;
+    if (s < 0 || s >= k || c[s] < 0 || c[s] >= c[s + 1] || c[s + 1] > M || c[k] != M ||
+        (s == 0 && c[0] != 0)) {
+      start_.resize(base);  // a failed call leaves the encoder as it was
+      freq_.resize(base);
+      check_symbol(s, k, r);
+      throw Error(row_msg("cdfs", r) + " is not a valid CDF for symbol " + std::to_string(s) +
+                  " (rows must increase strictly from 0 to 2^precision = " +
+                  std::to_string(M) + ")");
+    }
+    st[r] = static_cast<uint32_t>(c[s]);
+    fr[r] = static_cast<uint32_t>(c[s + 1] - c[s]);
   }
 }
 
@@ -444,7 +454,14 @@ void Decoder::pop_cdfs(const int32_t* cdfs, int64_t n, int64_t k, int64_t* out) 
   need_stream(n);
   const int64_t M = int64_t{1} << precision_;
   const uint64_t mask = static_cast<uint64_t>(M - 1);
+  constexpr int64_t kAhead = 8;
   for (int64_t r = 0; r < n; ++r) {
+    if (r + kAhead < n) {  // the first probes of a later row's binary search
+      const int32_t* a = cdfs + (r + kAhead) * (k + 1);
+      __builtin_prefetch(a + k / 2);
+      __builtin_prefetch(a + k / 4);
+      __builtin_prefetch(a + 3 * k / 4);
+    }
     const int32_t* c = cdfs + r * (k + 1);
     uint64_t& x = state_[count_ % lanes_];
     int64_t slot = static_cast<int64_t>(x & mask);
@@ -470,11 +487,36 @@ void Decoder::pop_indexed(const int64_t* indexes, int64_t n, const int32_t* tabl
                   " is out of range [0, " + std::to_string(tables) + ")");
   need_stream(n);
   const uint64_t mask = (uint64_t{1} << precision_) - 1;
+  // Per table, bucket b of the top `bits` slot bits maps to the symbol whose interval holds
+  // the bucket's first slot; a short forward scan finishes the search. Built per call
+  // (tables * 2^bits entries), worth it only when there are many symbols per table.
+  const int bits = std::min(precision_, 10);
+  const int shift = precision_ - bits;
+  const int64_t buckets = int64_t{1} << bits;
+  const bool use_lut = n >= 4 * tables * buckets / 16 && k <= 65536;
+  std::vector<uint16_t> lut;
+  if (use_lut) {
+    lut.resize(static_cast<size_t>(tables * buckets));
+    for (int64_t t = 0; t < tables; ++t) {
+      const int32_t* c = table + t * (k + 1);
+      int64_t s = 0;
+      for (int64_t b = 0; b < buckets; ++b) {
+        while (c[s + 1] <= (b << shift)) ++s;
+        lut[static_cast<size_t>(t * buckets + b)] = static_cast<uint16_t>(s);
+      }
+    }
+  }
   for (int64_t r = 0; r < n; ++r) {
     const int32_t* c = table + indexes[r] * (k + 1);
     uint64_t& x = state_[count_ % lanes_];
     int32_t slot = static_cast<int32_t>(x & mask);
-    int64_t s = std::upper_bound(c + 1, c + k, slot) - (c + 1);
+    int64_t s;
+    if (use_lut) {
+      s = lut[static_cast<size_t>(indexes[r] * buckets + (slot >> shift))];
+      while (c[s + 1] <= slot) ++s;  // c[k] = 2^P > slot stops it
+    } else {
+      s = std::upper_bound(c + 1, c + k, slot) - (c + 1);
+    }
     advance(x, static_cast<uint64_t>(slot), static_cast<uint32_t>(c[s]),
             static_cast<uint32_t>(c[s + 1] - c[s]), precision_);
     if (x < kLow) x = (x << 32) | read_word();

@@ -194,7 +194,8 @@ class RansEncoder:
     def encode_cdfs(self, symbols: Any, cdfs: Any) -> None:
         """Buffer ``symbols`` (N,) with integer CDFs ``cdfs`` (N, K + 1) (int32 preferred; each
         row 0, strictly increasing, ``2**precision``). Only the two entries around each symbol
-        and the row ends are checked here; the decoder checks the entries it uses."""
+        and the row's last entry are checked here (a full check would cost more than the
+        coding); the decoder checks the entries its search uses."""
         s = _int_vector(symbols, "symbols")
         c = _cdfs(cdfs, "cdfs", self.precision)
         _same_rows(c, s.shape[0], "cdfs")
