@@ -118,7 +118,7 @@ def test_missing_library_is_reported_not_raised(monkeypatch):
     assert set(skipped) == {"avif", "jxl", "heic"}
     assert "imagecodecs is not installed" in skipped["avif"]
     assert "pillow-heif is not installed" in skipped["heic"]
-    assert messages[0].startswith("skipping avif: avif: imagecodecs is not installed")
+    assert messages[0].startswith("skipping avif: imagecodecs is not installed")
 
 
 def test_pqmim_adapter_with_injected_api():
@@ -241,6 +241,18 @@ def test_summary_handles_missing_anchor_and_non_overlap(image_dir):
     )
 
 
+def test_bd_method_choice(image_dir):
+    kw = dict(qualities={"jpeg": [10, 30, 60, 90], "webp": [10, 30, 60, 90]}, progress=False)
+    cubic = runner.evaluate(image_dir, ["jpeg", "webp"], bd_method="cubic", limit=1, **kw)
+    pchip = runner.evaluate(image_dir, ["jpeg", "webp"], limit=1, **kw)
+    assert cubic["bd_method"] == "cubic" and pchip["bd_method"] == "pchip"
+    # Same data, two interpolants: close but not identical numbers.
+    a, b = cubic["bd"]["webp"]["bd_rate_pct"], pchip["bd"]["webp"]["bd_rate_pct"]
+    assert a != b and abs(a - b) < 10
+    with pytest.raises(ValueError, match="unknown BD method 'spline'; choose from pchip, cubic"):
+        runner.evaluate(image_dir, ["jpeg"], bd_method="spline", progress=False)
+
+
 def test_decoder_shape_mismatch_is_an_error(image_dir):
     class Cropping(FakePQMIM):
         def decompress_image(self, data, model=None):
@@ -331,7 +343,7 @@ def test_cli_skips_missing_codec(image_dir, tmp_path, capsys, monkeypatch):
     )
     assert rc == 0
     err = capsys.readouterr().err
-    assert "pqmim eval: skipping avif: avif: imagecodecs is not installed" in err
+    assert "pqmim eval: skipping avif: imagecodecs is not installed" in err
     result = json.loads((tmp_path / "o" / "results.json").read_text())
     assert list(result["codecs"]) == ["jpeg"] and "avif" in result["skipped"]
     rc = main(

@@ -13,6 +13,9 @@ numbers sit next to published ones:
   scored per channel and the per-channel MS-SSIM values are averaged, as common RGB evaluations
   do. Negative contrast-structure terms (possible for anti-correlated content) are clamped to 0
   before the fractional powers, which would otherwise be undefined.
+  Matches ``pytorch_msssim.ms_ssim`` to ~1e-7 on even-sized images; on odd sizes the two differ
+  by ~1e-4 because it zero-pads inside its average pooling where we replicate the last row or
+  column (as the original MATLAB code's symmetric filtering does).
 """
 
 from __future__ import annotations

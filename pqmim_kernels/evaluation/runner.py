@@ -68,7 +68,8 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
             rgb = im.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
-    return np.asarray(rgb)
+    # A writable copy: torch.from_numpy (PQ-MIM adapter) warns on Pillow's read-only buffers.
+    return np.array(rgb)
 
 
 # ----------------------------------------------------------------------------- codecs
@@ -146,7 +147,7 @@ def build_codecs(
             codec.check_available()
         except CodecUnavailable as exc:
             skipped[name] = str(exc)
-            log(f"skipping {name}: {exc}")
+            log(f"skipping {exc}")
             continue
         codecs.append(codec)
     return codecs, refs, skipped
@@ -383,10 +384,12 @@ def summarize(
 
 
 # ----------------------------------------------------------------------------- outputs
-def _fmt(v: Any, spec: str) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "—" if v is None else str(v)
-    return format(v, spec)
+def _fmt(v: Any, spec: str, unit: str = "") -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return format(v, spec) + unit
 
 
 def markdown_report(result: dict[str, Any]) -> str:
@@ -408,9 +411,9 @@ def markdown_report(result: dict[str, Any]) -> str:
     for name, entry in result["bd"].items():
         src = "published numbers" if name in result["references"] else "measured here"
         lines.append(
-            f"| {labels[name]} | {_fmt(entry['bd_rate_pct'], '+.1f')} % | "
-            f"{_fmt(entry['bd_psnr_db'], '+.2f')} dB | "
-            f"{_fmt(entry['bd_rate_msssim_pct'], '+.1f')} % | {src} |"
+            f"| {labels[name]} | {_fmt(entry['bd_rate_pct'], '+.1f', ' %')} | "
+            f"{_fmt(entry['bd_psnr_db'], '+.2f', ' dB')} | "
+            f"{_fmt(entry['bd_rate_msssim_pct'], '+.1f', ' %')} | {src} |"
         )
     if result.get("bd_note"):
         lines += ["", f"_{result['bd_note']}_"]
