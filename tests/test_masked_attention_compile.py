@@ -100,3 +100,21 @@ def test_largest_autotune_config_compiles_and_fits(
     shared = compiled.metadata.shared
     assert 0 < shared <= H100_SMEM_PER_BLOCK, (kernel, config, shared)
     assert compiled.asm["cubin"], "ptxas produced no cubin"
+
+
+@pytest.mark.parametrize("kernel", sorted(_KERNELS))
+def test_pinned_configs_compile_and_fit_at_head_dim_256(kernel):
+    # pinned_launch_configs() drops to two stages above Dh = 128; the worst case must fit.
+    meta_q = torch.empty(0, device="meta")
+    assert ma._launch_params(meta_q, kernel, 256) == ({"INTERPRETER": False}, True)
+    with ma.pinned_launch_configs():
+        fixed, tuned = ma._launch_params(meta_q, kernel, 256)
+    assert not tuned and fixed["num_stages"] == 2 and fixed["INTERPRETER"] is False
+    assert ma._launch_params(meta_q, kernel, 256)[1], "the context must restore autotuning"
+    config = triton.Config(
+        {"BLOCK_M": fixed["BLOCK_M"], "BLOCK_N": fixed["BLOCK_N"]},
+        num_warps=fixed["num_warps"],
+        num_stages=fixed["num_stages"],
+    )
+    compiled = _compile(kernel, torch.float16, 256, 0, True, False, config, 90)
+    assert 0 < compiled.metadata.shared <= H100_SMEM_PER_BLOCK

@@ -30,11 +30,17 @@ interpreter (``INTERPRETER`` constexpr) the very same step helper runs in a ``wh
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["masked_attention_backward", "masked_attention_forward"]
+__all__ = [
+    "masked_attention_backward",
+    "masked_attention_forward",
+    "pinned_launch_configs",
+]
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
@@ -595,6 +601,32 @@ _bwd_dkdv_tuned = triton.autotune(
 # (slow) interpreted work, and 16-wide blocks exercise multi-block loops on tiny shapes.
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
 
+# One fixed GPU config per kernel for pinned_launch_configs(); sized to fit Dh <= 128 with
+# three stages (and Dh <= 256 with two) in an H100's shared memory.
+_PINNED_CONFIGS = {
+    "fwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    "dkdv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+}
+_pinned_depth = 0
+
+
+@contextlib.contextmanager
+def pinned_launch_configs():
+    """Launch one fixed config per kernel instead of autotuning, inside this context.
+
+    Autotuning picks the fastest config by timing, so two processes can pick different block
+    sizes for the same shape and round differently. Results under a pinned config depend only
+    on the inputs, the GPU model and the Triton version: what an encoder and a decoder in
+    different processes need to derive identical probabilities. Not thread-safe (a counter).
+    """
+    global _pinned_depth
+    _pinned_depth += 1
+    try:
+        yield
+    finally:
+        _pinned_depth -= 1
+
 
 # ---- host side ----
 
@@ -642,9 +674,15 @@ def _check_kernel_shape(q):
         )
 
 
-def _launch_params(q):
+def _launch_params(q, kernel: str, d_pad: int):
+    """(extra launch kwargs, use the autotuned kernel) for ``kernel`` in fwd | dq | dkdv."""
     if q.device.type == "cpu":
         return {**_INTERPRETER_CONFIG, "INTERPRETER": True}, False
+    if _pinned_depth > 0:
+        config = dict(_PINNED_CONFIGS[kernel])
+        if d_pad > 128:
+            config["num_stages"] = 2
+        return {**config, "INTERPRETER": False}, False
     return {"INTERPRETER": False}, True
 
 
@@ -672,7 +710,8 @@ def masked_attention_forward(
         lse.fill_(float("-inf"))
         return out, lse
     bound, kmask, amask, am_strides, mode = _mask_args(q, k, key_lengths, key_mask, attn_mask)
-    fixed, tuned = _launch_params(q)
+    d_pad = max(16, triton.next_power_of_2(dh))
+    fixed, tuned = _launch_params(q, "fwd", d_pad)
     kernel = _fwd_tuned if tuned else _masked_attn_fwd
 
     def grid(meta):
@@ -689,7 +728,7 @@ def masked_attention_forward(
         *am_strides,
         h, lq, lk, _bucket(lq), _bucket(lk),
         HEAD_DIM=dh,
-        D_PAD=max(16, triton.next_power_of_2(dh)),
+        D_PAD=d_pad,
         HAS_BOUND=bound is not None,
         HAS_KEY_MASK=kmask is not None,
         MASK_MODE=mode,
@@ -728,15 +767,14 @@ def masked_attention_backward(
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
     bound, kmask, amask, am_strides, mode = _mask_args(q, k, key_lengths, key_mask, attn_mask)
-    fixed, tuned = _launch_params(q)
+    d_pad = max(16, triton.next_power_of_2(dh))
     common = dict(
         HEAD_DIM=dh,
-        D_PAD=max(16, triton.next_power_of_2(dh)),
+        D_PAD=d_pad,
         HAS_BOUND=bound is not None,
         HAS_KEY_MASK=kmask is not None,
         MASK_MODE=mode,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        **fixed,
     )
     mask_ptrs = (
         bound if bound is not None else lse,
@@ -753,14 +791,16 @@ def masked_attention_backward(
     qk_scale = sm_scale * _LOG2E
 
     # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads.
+    fixed, tuned = _launch_params(q, "dq", d_pad)
     dq_kernel = _bwd_dq_tuned if tuned else _masked_attn_bwd_dq
     dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * h)](
         q, k, v, out, grad_out, lse, delta, dq, *mask_ptrs, qk_scale, sm_scale, *strides,
-        **common,
+        **common, **fixed,
     )  # fmt: skip
+    fixed, tuned = _launch_params(q, "dkdv", d_pad)
     dkdv_kernel = _bwd_dkdv_tuned if tuned else _masked_attn_bwd_dkdv
     dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b * h)](
         q, k, v, grad_out, lse, delta, dk, dv, *mask_ptrs, qk_scale, sm_scale, *strides,
-        **common,
+        **common, **fixed,
     )  # fmt: skip
     return dq, dk, dv
