@@ -383,3 +383,38 @@ def test_cli_empty_dir_and_unreadable_image(tmp_path, capsys):
 def test_codec_names_are_all_buildable():
     for name in CODEC_NAMES:
         assert make_codec(name).name == name
+
+
+def test_merge_adds_codecs_to_an_earlier_run(image_dir, tmp_path):
+    first = runner.evaluate(
+        image_dir,
+        ["jpeg", "webp"],
+        qualities={"jpeg": [10, 40, 80], "webp": [10, 60]},
+        progress=False,
+    )
+    runner.write_outputs(first, tmp_path / "a", plot=False)
+    prev = tmp_path / "a" / "results.json"
+    merged = runner.evaluate(
+        image_dir,
+        ["pqmim", "webp"],
+        pqmim_models=["coarse", "fine"],
+        pqmim_api=FakePQMIM(),
+        qualities={"webp": [20, 70]},
+        progress=False,
+        merge=prev,
+    )
+    assert list(merged["codecs"]) == ["jpeg", "pqmim", "webp"]  # kept, then this run
+    # jpeg comes unchanged from the earlier file, webp is the new sweep
+    assert merged["codecs"]["jpeg"]["points"] == first["codecs"]["jpeg"]["points"]
+    assert merged["codecs"]["webp"]["settings"] == [20, 70]
+    assert merged["merged_from"]["codecs"] == ["jpeg"]
+    # BD of the new curves against the merged anchor
+    assert merged["bd"]["webp"]["bd_rate_pct"] is not None and "pqmim" in merged["bd"]
+    assert "Curves of jpeg come from" in runner.markdown_report(merged)
+    with pytest.raises(ValueError, match="--merge: .* was measured on other images"):
+        runner.evaluate(image_dir, ["webp"], progress=False, merge=prev, limit=2)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not a results.json written by pqmim eval"):
+        runner.evaluate(image_dir, ["webp"], progress=False, merge=tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="--merge: cannot read"):
+        runner.evaluate(image_dir, ["webp"], progress=False, merge=tmp_path / "none.json")

@@ -59,6 +59,13 @@ def register(subparsers) -> None:
         metavar="A.pt,B.pt",
         help="PQ-MIM models to evaluate, one rate point each (default: the bundled model)",
     )
+    p.add_argument(
+        "--merge",
+        default=None,
+        metavar="RESULTS.json",
+        help="add the curves of an earlier run on the same images (codecs not re-run now), "
+        "e.g. to add pqmim to results/kodak/results.json",
+    )
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -91,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         progress=not args.no_progress,
         log=log,
+        merge=args.merge,
     )
     paths = runner.write_outputs(result, args.out, plot=not args.no_plot)
     print(runner.format_summary(result))

@@ -401,6 +401,15 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"({result['workers']} worker processes). Mean bpp (whole files) and mean RGB PSNR / "
         "MS-SSIM over the images per setting.",
         "",
+        *(
+            [
+                f"Curves of {', '.join(result['merged_from']['codecs'])} come from "
+                f"`{result['merged_from']['path']}` (measured {result['merged_from']['created']}).",
+                "",
+            ]
+            if result.get("merged_from")
+            else []
+        ),
         f"## BD metrics against `{result['anchor']}` ({result['bd_method']}, overlapping range)",
         "",
         "| codec | BD-rate (PSNR) | BD-PSNR | BD-rate (MS-SSIM dB) | source |",
@@ -497,6 +506,58 @@ def write_outputs(result: dict[str, Any], out_dir: str | os.PathLike, plot: bool
     return paths
 
 
+class RecordedCodec:
+    """A codec measured by an earlier run, rebuilt from its ``results.json`` entry (``--merge``).
+
+    Offers what :func:`summarize` needs (``name``, ``settings``, :meth:`describe`), nothing that
+    encodes.
+    """
+
+    def __init__(self, entry: dict[str, Any]) -> None:
+        keys = ("name", "label", "setting_name", "settings", "params", "versions")
+        self._info = {k: entry[k] for k in keys}
+        self.name = entry["name"]
+        self.label = entry["label"]
+        self.setting_name = entry["setting_name"]
+        self.settings = tuple(entry["settings"])
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._info)
+
+
+def load_previous(
+    path: str | os.PathLike, images: Sequence[Path], exclude: Sequence[str]
+) -> tuple[list[RecordedCodec], list[dict], dict[str, Any]]:
+    """Codecs, per-image records and provenance of an earlier ``results.json``.
+
+    Codecs named in ``exclude`` (re-run now) are dropped. Raises ``ValueError`` if the file is
+    not a ``pqmim eval`` result or was measured on other images than ``images``.
+    """
+    try:
+        old = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--merge: cannot read {path}: {exc}") from exc
+    if not isinstance(old, dict) or old.get("tool") != "pqmim eval":
+        raise ValueError(f"--merge: {path} is not a results.json written by pqmim eval")
+    names = [p.name for p in images]
+    if old["images"] != names:
+        raise ValueError(
+            f"--merge: {path} was measured on other images ({old['n_images']} images: "
+            f"{', '.join(old['images'][:3])}, ...) than this run ({len(names)} images)"
+        )
+    codecs = [RecordedCodec(c) for n, c in old["codecs"].items() if n not in exclude]
+    kept = {c.name for c in codecs}
+    records = [r for r in old["per_image"] if r["codec"] in kept]
+    provenance = {
+        "path": str(path),
+        "codecs": sorted(kept),
+        "created": old["created"],
+        "machine": old["machine"],
+        "workers": old["workers"],
+    }
+    return codecs, records, provenance
+
+
 def evaluate(
     images_dir: str | os.PathLike,
     codec_names: Sequence[str],
@@ -510,8 +571,13 @@ def evaluate(
     limit: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    merge: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Full evaluation; returns the result dict that :func:`write_outputs` serialises."""
+    """Full evaluation; returns the result dict that :func:`write_outputs` serialises.
+
+    ``merge``: an earlier ``results.json`` on the same images whose codecs (other than the ones
+    run now) join this result, e.g. to add PQ-MIM to a committed classical-codec run.
+    """
     from .bd import METHODS
 
     if bd_method not in METHODS:
@@ -519,6 +585,8 @@ def evaluate(
     images = list_images(images_dir, limit)
     for path in images:  # fail before any work on an unreadable file, naming it
         load_rgb(path)
+    if merge is not None:  # a bad --merge file fails before the (long) run, not after it
+        load_previous(merge, images, [])
     codecs, refs, skipped = build_codecs(codec_names, qualities, pqmim_models, pqmim_api, log)
     if not codecs and not refs:
         raise RuntimeError(
@@ -527,7 +595,15 @@ def evaluate(
     t0 = time.perf_counter()
     records = run_codecs(images, codecs, workers=workers, progress=progress)
     elapsed = time.perf_counter() - t0
-    result = summarize(records, codecs, refs, anchor=anchor, bd_method=bd_method)
+    merged_from = None
+    all_codecs: list = list(codecs)
+    if merge is not None:
+        old_codecs, old_records, merged_from = load_previous(
+            merge, images, [c.name for c in codecs]
+        )
+        all_codecs = [*old_codecs, *codecs]
+        records = [*old_records, *records]
+    result = summarize(records, all_codecs, refs, anchor=anchor, bd_method=bd_method)
     root = Path(images_dir)
     result.update(
         {
@@ -541,6 +617,7 @@ def evaluate(
             "wall_s": elapsed,
             "machine": machine_info(),
             "skipped": skipped,
+            "merged_from": merged_from,
             "per_image": records,
         }
     )
