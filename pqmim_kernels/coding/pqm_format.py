@@ -1,0 +1,152 @@
+"""The ``.pqm`` container: a header of a handful of bytes and one rANS payload.
+
+Layout (all multi-byte integers little-endian; varints are unsigned LEB128, at most 5 bytes);
+the written spec is ``docs/PQM_FORMAT.md``::
+
+    offset  size  field
+    0       2     magic b"\\xb5Q"  (0xB5 is not ASCII/UTF-8-initial, so text files never match)
+    2       1     version (high 4 bits) | stages_sent - 1 (low 4 bits)
+    3       2     model id: first 2 bytes of the model's sha256 fingerprint
+    5       1-5   varint height  (pixels, >= 1)
+    .       1-5   varint width   (pixels, >= 1)
+    .       2     code check: CRC-32 of the coded token codes, low 16 bits
+    .       ...   rANS payload (rest of the file)
+
+A 768×512 image has a 10-byte header. Every parse error is a ``ValueError`` whose message says
+what is wrong; nothing here can crash the process on hostile input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import numpy as np
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "MAX_DIM",
+    "PqmHeader",
+    "code_check",
+    "pack",
+    "read_varint",
+    "unpack",
+    "write_varint",
+]
+
+MAGIC = b"\xb5Q"
+FORMAT_VERSION = 1
+MAX_DIM = 1 << 20  # 1 Mpx per side: far beyond any real use, keeps allocations bounded
+_MAX_VARINT_BYTES = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class PqmHeader:
+    """Decoded header fields.
+
+    ``model_id``: 2 bytes; ``height``/``width``: image size in pixels; ``stages_sent``: number of
+    coding stages in the payload (1..16); ``check``: 16-bit check over the coded codes.
+    """
+
+    model_id: bytes
+    height: int
+    width: int
+    stages_sent: int
+    check: int
+
+
+def write_varint(value: int) -> bytes:
+    """Unsigned LEB128 encoding of ``0 <= value < 2**35``."""
+    if not isinstance(value, (int, np.integer)) or value < 0 or value >= 1 << 35:
+        raise ValueError(f"varint: value must be an int in [0, 2**35), got {value!r}")
+    value = int(value)
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """Read a varint at ``pos``; returns ``(value, new_pos)``. ValueError when truncated."""
+    value = 0
+    for i in range(_MAX_VARINT_BYTES):
+        if pos + i >= len(data):
+            raise ValueError("corrupt .pqm file: truncated header (varint runs past the end)")
+        byte = data[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            if i > 0 and byte == 0:
+                raise ValueError("corrupt .pqm file: non-canonical varint in header")
+            return value, pos + i + 1
+    raise ValueError("corrupt .pqm file: varint longer than 5 bytes in header")
+
+
+def code_check(codes) -> int:
+    """16-bit check over token codes: low 16 bits of the CRC-32 of the codes as little-endian
+    uint16 in the given order. ``codes``: integer array (any shape, values < 65536)."""
+    arr = np.ascontiguousarray(np.asarray(codes), dtype="<u2")
+    return zlib.crc32(arr.tobytes()) & 0xFFFF
+
+
+def pack(header: PqmHeader, payload: bytes) -> bytes:
+    """Serialise ``header`` and the rANS ``payload`` into the bytes of a ``.pqm`` file."""
+    if not isinstance(header.model_id, (bytes, bytearray)) or len(header.model_id) != 2:
+        raise ValueError(f"pqm header: model_id must be 2 bytes, got {header.model_id!r}")
+    if not 1 <= header.stages_sent <= 16:
+        raise ValueError(f"pqm header: stages_sent must be in [1, 16], got {header.stages_sent}")
+    for name in ("height", "width"):
+        v = getattr(header, name)
+        if not 1 <= v <= MAX_DIM:
+            raise ValueError(f"pqm header: {name} must be in [1, {MAX_DIM}], got {v}")
+    if not 0 <= header.check <= 0xFFFF:
+        raise ValueError(f"pqm header: check must fit 16 bits, got {header.check}")
+    if not isinstance(payload, (bytes, bytearray)):
+        raise TypeError(f"pqm payload must be bytes, got {type(payload).__name__}")
+    return b"".join(
+        (
+            MAGIC,
+            bytes([(FORMAT_VERSION << 4) | (header.stages_sent - 1)]),
+            bytes(header.model_id),
+            write_varint(header.height),
+            write_varint(header.width),
+            header.check.to_bytes(2, "little"),
+            bytes(payload),
+        )
+    )
+
+
+def unpack(data: bytes) -> tuple[PqmHeader, bytes]:
+    """Parse a ``.pqm`` file; returns ``(header, payload)``.
+
+    Raises ``TypeError`` for non-bytes input and ``ValueError`` naming the problem for a foreign
+    file (bad magic), an unsupported version, a truncated header or impossible sizes.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"a .pqm file must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
+        raise ValueError("not a .pqm file (bad magic bytes)")
+    if len(data) < 5:
+        raise ValueError("corrupt .pqm file: truncated header")
+    version, stages_sent = data[2] >> 4, (data[2] & 0x0F) + 1
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"unsupported .pqm format version {version} (this build reads version {FORMAT_VERSION})"
+        )
+    model_id = data[3:5]
+    height, pos = read_varint(data, 5)
+    width, pos = read_varint(data, pos)
+    for name, v in (("height", height), ("width", width)):
+        if not 1 <= v <= MAX_DIM:
+            raise ValueError(f"corrupt .pqm file: image {name} {v} out of range [1, {MAX_DIM}]")
+    if pos + 2 > len(data):
+        raise ValueError("corrupt .pqm file: truncated header (no code check)")
+    check = int.from_bytes(data[pos : pos + 2], "little")
+    header = PqmHeader(model_id, height, width, stages_sent, check)
+    return header, data[pos + 2 :]

@@ -1,0 +1,80 @@
+"""The model configuration saved next to the weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+__all__ = ["PQMIMConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PQMIMConfig:
+    """Shape of a PQ-MIM model (one trained model per rate point ``(M, K)``).
+
+    - ``channels``: conv widths of the PQ-VAE at strides 2, 4, 8, 16 (the decoder mirrors them).
+    - ``latent_dim`` D, split into ``num_subspaces`` M sub-vectors of ``D / M`` dims, each snapped
+      to one of ``codebook_size`` K codewords: raw rate ``M·log2(K) / 256`` bpp.
+    - ``res_blocks``: residual blocks at stride 16 on each side.
+    - ``mim_*``: the entropy model's transformer (width W, depth L, heads, MLP ratio).
+    - ``stages`` S: coding stages (PQMIM.md §4); ``logit_grid``: logits are rounded to multiples
+      of ``1 / logit_grid`` before the float64 softmax, so tiny float differences between runs
+      rarely change the integer CDFs (PQMIM.md §5).
+    - ``commitment``: β of the commitment loss.
+    """
+
+    channels: tuple[int, int, int, int] = (32, 64, 96, 128)
+    latent_dim: int = 64
+    num_subspaces: int = 8
+    codebook_size: int = 256
+    res_blocks: int = 1
+    mim_width: int = 128
+    mim_depth: int = 4
+    mim_heads: int = 4
+    mim_mlp_ratio: float = 3.0
+    stages: int = 10
+    logit_grid: int = 64
+    commitment: float = 0.25
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if len(self.channels) != 4 or min(self.channels) < 1:
+            raise ValueError(f"PQMIMConfig: channels must be 4 positive ints, got {self.channels}")
+        for name in ("latent_dim", "num_subspaces", "mim_width", "mim_depth", "mim_heads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"PQMIMConfig: {name} must be a positive int, got {v!r}")
+        if self.latent_dim % self.num_subspaces:
+            raise ValueError(
+                f"PQMIMConfig: latent_dim {self.latent_dim} is not a multiple of num_subspaces "
+                f"{self.num_subspaces}"
+            )
+        if not 2 <= self.codebook_size <= 65536:
+            raise ValueError(
+                f"PQMIMConfig: codebook_size must be in [2, 65536], got {self.codebook_size}"
+            )
+        if not 1 <= self.stages <= 16:
+            raise ValueError(f"PQMIMConfig: stages must be in [1, 16], got {self.stages}")
+        if self.mim_width % self.mim_heads or self.mim_width % 4:
+            raise ValueError(
+                f"PQMIMConfig: mim_width {self.mim_width} must be a multiple of 4 and of "
+                f"mim_heads {self.mim_heads}"
+            )
+
+    @property
+    def raw_bpp(self) -> float:
+        """Bits per pixel of the codes before entropy coding (``M·log2 K / 256``)."""
+        import math
+
+        return self.num_subspaces * math.log2(self.codebook_size) / 256.0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PQMIMConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"PQMIMConfig: unknown fields {unknown}")
+        return cls(**d)

@@ -1,0 +1,384 @@
+"""Two-stage training of a PQ-MIM model (library face of ``pqmim train``).
+
+Stage 1 trains the PQ-VAE (MSE + the quantizer's commitment/codebook loss; EMA codebooks, k-means
+init and dead-code restart live in :class:`pqmim_kernels.nn.ProductQuantizer`). Stage 2 freezes
+encoder and quantizer and trains the MIM entropy model on the codes of the training images with
+mask ratios drawn from the coding schedule (:func:`pqmim_kernels.models.mim.mim_bits`).
+
+Data: random crops (default 256×256) with horizontal flips from a folder of PNG/JPEG images, held
+in memory as uint8. Stage 2 encodes every image (and its mirror) once with the frozen encoder and
+draws random token windows of ``crop / 16`` tokens from those code grids, which is the same
+distribution as encoding 16-aligned crops and costs no conv work per step.
+
+Runs on one CPU/GPU, or under ``torchrun`` (DistributedDataParallel; gloo on CPU, nccl on CUDA);
+bf16 autocast on CUDA. Budgets are steps and/or minutes per stage; the learning rate follows a
+cosine decay over whichever runs out first. Checkpoints (``<out>/checkpoint.pt``) resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pqmim_kernels.models.codec import PQMIM, pad_to_multiple
+from pqmim_kernels.models.config import PQMIMConfig
+from pqmim_kernels.models.mim import mim_bits
+
+__all__ = ["TrainConfig", "load_images", "train"]
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Options of :func:`train` (``pqmim train --help`` lists the same)."""
+
+    data: str = "../shared/data/train"
+    out: str = "runs/train"
+    crop: int = 256
+    batch_size: int = 8
+    stage2_batch_size: int = 0  # 0 = batch_size
+    stage1_steps: int = 2000
+    stage1_minutes: float = 0.0  # 0 = no time limit
+    stage2_steps: int = 2000
+    stage2_minutes: float = 0.0
+    lr1: float = 5e-4
+    lr2: float = 1e-3
+    warmup: int = 100
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 200
+    device: str = "auto"
+    max_images: int = 0  # 0 = all
+    progress: bool = True
+
+
+def load_images(folder: str | os.PathLike, max_images: int = 0) -> list[torch.Tensor]:
+    """Every PNG/JPEG under ``folder`` (recursive, sorted) as uint8 (3, H, W) RGB tensors.
+
+    Raises ``FileNotFoundError`` for a missing folder and ``ValueError`` when it has no image.
+    """
+    from PIL import Image
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"training data folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if max_images:
+        files = files[:max_images]
+    if not files:
+        raise ValueError(f"training data folder {root} holds no .png/.jpg images")
+    out = []
+    for p in files:
+        with Image.open(p) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous())
+    return out
+
+
+def _random_crops(images, crop: int, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """(batch, 3, crop, crop) float32 in [0, 1]: random images, positions and h-flips.
+    Images smaller than the crop are edge-replicated first."""
+    out = torch.empty(batch, 3, crop, crop)
+    for i in range(batch):
+        img = images[int(torch.randint(len(images), (1,), generator=gen))]
+        _, h, w = img.shape
+        if h < crop or w < crop:
+            img = F.pad(img[None].float(), (0, max(0, crop - w), 0, max(0, crop - h)), "replicate")
+            img = img[0].to(torch.uint8)
+            _, h, w = img.shape
+        y = int(torch.randint(h - crop + 1, (1,), generator=gen))
+        x = int(torch.randint(w - crop + 1, (1,), generator=gen))
+        patch = img[:, y : y + crop, x : x + crop]
+        if bool(torch.randint(2, (1,), generator=gen)):
+            patch = patch.flip(-1)
+        out[i] = patch.float() / 255.0
+    return out
+
+
+class _VAE(nn.Module):
+    """Stage-1 view of a :class:`PQMIM` (so DDP sees only the trained parameters)."""
+
+    def __init__(self, model: PQMIM) -> None:
+        super().__init__()
+        self.encoder, self.quantizer, self.decoder = model.encoder, model.quantizer, model.decoder
+        self._model = [model]  # not a sub-module
+
+    def forward(self, x):
+        q, codes, vq_loss = self._model[0].quantize(self.encoder(x).permute(0, 2, 3, 1))
+        x_hat = self.decoder(q.permute(0, 3, 1, 2))
+        return x_hat, codes, vq_loss
+
+
+def _dist_setup(device: str):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and world > 1:
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend)
+    return torch.device(device), rank, world
+
+
+def _lr_factor(progress: float, step: int, warmup: int) -> float:
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    return warm * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train(
+    cfg: TrainConfig, model_config: PQMIMConfig | None = None, images=None, log=print
+) -> PQMIM:
+    """Train (or resume) a PQ-MIM model; writes ``<out>/model.pt`` and returns it reloaded from
+    that file (eval mode).
+
+    ``images``: optional list of uint8 (3, H, W) tensors instead of ``cfg.data``. ``log``: a
+    callable for one-line progress summaries (rank 0 only). Resumes from ``<out>/checkpoint.pt``
+    when it exists (the stored model config then wins over ``model_config``).
+    """
+    from tqdm.auto import tqdm
+
+    from pqmim_kernels.models import load_model, save_model
+
+    if cfg.crop < 16 or cfg.crop % 16:
+        raise ValueError(f"train: crop must be a positive multiple of 16, got {cfg.crop}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"train: batch_size must be >= 1, got {cfg.batch_size}")
+    device, rank, world = _dist_setup(cfg.device)
+    is_main = rank == 0
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    ckpt = None
+    if ckpt_path.is_file():
+        ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
+        model_config = PQMIMConfig.from_dict(
+            {**ckpt["config"], "channels": tuple(ckpt["config"]["channels"])}
+        )
+    model_config = model_config or PQMIMConfig()
+    torch.manual_seed(cfg.seed)
+    model = PQMIM(model_config).to(device)
+    state = {"stage": 1, "step": 0, "elapsed": 0.0}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        state = ckpt["state"]
+    if images is None:
+        images = load_images(cfg.data, cfg.max_images)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * state["step"])
+    autocast = device.type == "cuda"
+    logfile = out / "log.jsonl"
+
+    def record(entry: dict) -> None:
+        if is_main:
+            with open(logfile, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            log(
+                " ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()
+                )
+            )
+
+    def save_ckpt(opt) -> None:
+        if is_main:
+            cfgd = dataclasses.asdict(model.config)
+            cfgd["channels"] = list(cfgd["channels"])
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save(
+                {
+                    "config": cfgd,
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "state": dict(state),
+                },
+                str(tmp),
+            )
+            os.replace(tmp, ckpt_path)
+
+    def wrap(module):
+        if world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        return module
+
+    # ---- stage 1: PQ-VAE ----
+    if state["stage"] == 1:
+        vae = _VAE(model)
+        net = wrap(vae)
+        opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr1)
+        if ckpt is not None and ckpt["state"]["stage"] == 1:
+            opt.load_state_dict(ckpt["opt"])
+        model.train()
+        t0 = time.time() - state["elapsed"]
+        bar = tqdm(
+            total=cfg.stage1_steps,
+            initial=state["step"],
+            desc="stage 1 (PQ-VAE)",
+            disable=not (is_main and cfg.progress),
+        )
+        acc = {"mse": 0.0, "n": 0}
+        while True:
+            elapsed = time.time() - t0
+            progress = max(
+                state["step"] / max(1, cfg.stage1_steps),
+                elapsed / (60 * cfg.stage1_minutes) if cfg.stage1_minutes else 0.0,
+            )
+            if progress >= 1.0:
+                break
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr1 * _lr_factor(progress, state["step"], cfg.warmup)
+            x = _random_crops(images, cfg.crop, cfg.batch_size, gen).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                x_hat, codes, vq_loss = net(x)
+                mse = F.mse_loss(x_hat.float(), x)
+                loss = mse + vq_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            state["step"] += 1
+            state["elapsed"] = time.time() - t0
+            acc["mse"] += float(mse.detach())
+            acc["n"] += 1
+            bar.update(1)
+            if state["step"] % cfg.log_every == 0:
+                m = acc["mse"] / acc["n"]
+                stats = model.quantizer.codebook_stats()
+                ppl = stats["perplexity"].tolist()
+                entry = {
+                    "stage": 1,
+                    "step": state["step"],
+                    "time_s": round(state["elapsed"], 1),
+                    "mse": m,
+                    "psnr": -10 * math.log10(max(m, 1e-10)),
+                    "vq_loss": float(vq_loss.detach()),
+                    "ppl_min": min(ppl),
+                    "ppl_mean": sum(ppl) / len(ppl),
+                    "dead_frac": float(stats["dead_fraction"].mean()),
+                    "lr": opt.param_groups[0]["lr"],
+                }
+                bar.set_postfix(psnr=f"{entry['psnr']:.2f}", ppl=f"{entry['ppl_mean']:.0f}")
+                record(entry)
+                acc = {"mse": 0.0, "n": 0}
+            if state["step"] % cfg.ckpt_every == 0:
+                save_ckpt(opt)
+        bar.close()
+        state.update(stage=2, step=0, elapsed=0.0)
+        save_ckpt(opt)
+        ckpt = None
+
+    # ---- stage 2: MIM entropy model on frozen codes ----
+    model.eval()
+    for p in [
+        *model.encoder.parameters(),
+        *model.quantizer.parameters(),
+        *model.decoder.parameters(),
+    ]:
+        p.requires_grad_(False)
+    grids = _code_grids(model, images, device, is_main and cfg.progress)
+    tokens = cfg.crop // 16
+    em = model.entropy_model
+    em.train()
+    net = wrap(em)
+    opt = torch.optim.AdamW(em.parameters(), lr=cfg.lr2, weight_decay=0.01)
+    if ckpt is not None and ckpt["state"]["stage"] == 2:
+        opt.load_state_dict(ckpt["opt"])
+    t0 = time.time() - state["elapsed"]
+    bar = tqdm(
+        total=cfg.stage2_steps,
+        initial=state["step"],
+        desc="stage 2 (MIM)",
+        disable=not (is_main and cfg.progress),
+    )
+    acc = {"bits": 0.0, "n": 0}
+    while True:
+        elapsed = time.time() - t0
+        progress = max(
+            state["step"] / max(1, cfg.stage2_steps),
+            elapsed / (60 * cfg.stage2_minutes) if cfg.stage2_minutes else 0.0,
+        )
+        if progress >= 1.0:
+            break
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr2 * _lr_factor(progress, state["step"], cfg.warmup)
+        codes = _random_windows(grids, tokens, cfg.stage2_batch_size or cfg.batch_size, gen)
+        codes = codes.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            bits = mim_bits(net, codes, model.config.stages, gen)
+        # mean bits per token: the loss is the coding rate the schedule will pay
+        loss = bits.float().mean() / (codes.shape[1] * codes.shape[2])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(em.parameters(), 1.0)
+        opt.step()
+        state["step"] += 1
+        state["elapsed"] = time.time() - t0
+        acc["bits"] += float(loss.detach())
+        acc["n"] += 1
+        bar.update(1)
+        if state["step"] % cfg.log_every == 0:
+            bpt = acc["bits"] / acc["n"]
+            entry = {
+                "stage": 2,
+                "step": state["step"],
+                "time_s": round(state["elapsed"], 1),
+                "bits_per_token": bpt,
+                "bpp": bpt / 256.0,
+                "raw_bpp": model.config.raw_bpp,
+                "lr": opt.param_groups[0]["lr"],
+            }
+            bar.set_postfix(bpp=f"{entry['bpp']:.4f}")
+            record(entry)
+            acc = {"bits": 0.0, "n": 0}
+        if state["step"] % cfg.ckpt_every == 0:
+            save_ckpt(opt)
+    bar.close()
+    state.update(stage=3)
+    save_ckpt(opt)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if is_main:
+        save_model(model, out / "model.pt", extra={"train": dataclasses.asdict(cfg)})
+    if world > 1:
+        torch.distributed.barrier()
+    # Reload what was written: the file stores fp16 weights, and the returned model must have
+    # the same weights (and model id) as every later load of the file.
+    return load_model(str(out / "model.pt"), device=str(device))
+
+
+@torch.no_grad()
+def _code_grids(model: PQMIM, images, device, progress: bool) -> list[torch.Tensor]:
+    """Codes (h, w, M) int16 of every image and of its mirror, on the CPU."""
+    from tqdm.auto import tqdm
+
+    grids = []
+    for img in tqdm(images, desc="encoding codes", disable=not progress):
+        for flip in (False, True):
+            x = img.flip(-1) if flip else img
+            x = pad_to_multiple(x[None].float().div(255.0)).to(device)
+            grids.append(model.encode_codes(x)[0].to("cpu", torch.int16))
+    return grids
+
+
+def _random_windows(grids, tokens: int, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """(batch, t, t, M) int64 token windows, t = min(tokens, smallest side of the drawn grids)."""
+    picks = [grids[int(torch.randint(len(grids), (1,), generator=gen))] for _ in range(batch)]
+    t = min(tokens, *(min(g.shape[0], g.shape[1]) for g in picks))
+    out = []
+    for g in picks:
+        y = int(torch.randint(g.shape[0] - t + 1, (1,), generator=gen))
+        x = int(torch.randint(g.shape[1] - t + 1, (1,), generator=gen))
+        out.append(g[y : y + t, x : x + t].long())
+    return torch.stack(out)

@@ -1,0 +1,135 @@
+"""``pqmim compress`` / ``pqmim decompress``: subprocess runs and every user-facing error."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pqmim_kernels.cli import codec as cli_codec
+from pqmim_kernels.cli.main import main
+from pqmim_kernels.models import PQMIM, PQMIMConfig, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = PQMIMConfig(
+    channels=(8, 8, 8, 8),
+    latent_dim=8,
+    num_subspaces=2,
+    codebook_size=16,
+    mim_width=16,
+    mim_depth=1,
+    mim_heads=2,
+    stages=6,
+)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = PQMIM(TINY).train()
+    with torch.no_grad():
+        model.quantize(model.encode_latent(torch.rand(4, 3, 64, 64)))
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_model(model.eval(), path)
+    return path
+
+
+def _rgb(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 255 // max(1, w - 1), yy * 255 // max(1, h - 1), (xx + yy) % 256], -1)
+    return np.clip(img + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "pqmim_kernels.cli.main", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_compress_decompress_subprocess(tmp_path, model_file):
+    src = tmp_path / "in.png"
+    Image.fromarray(_rgb(37, 50)).save(src)
+    r = _run("compress", src, "--model", model_file, "--psnr")
+    assert r.returncode == 0, r.stderr
+    pqm = tmp_path / "in.pqm"
+    size = pqm.stat().st_size
+    m = re.search(
+        r"\(50x37\) -> .*in\.pqm: (\d+) bytes, ([\d.]+) bpp, encode [\d.]+ s, PSNR", r.stdout
+    )
+    assert m, r.stdout
+    assert int(m.group(1)) == size
+    assert float(m.group(2)) == pytest.approx(8 * size / (37 * 50), abs=1e-4)
+    out = tmp_path / "back.png"
+    r = _run("decompress", pqm, "-o", out, "--model", model_file, "--original", src)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"\(50x37\): \d+ bytes, [\d.]+ bpp, decode [\d.]+ s, PSNR [\d.]+ dB", r.stdout)
+    back = np.asarray(Image.open(out))
+    assert back.shape == (37, 50, 3) and back.dtype == np.uint8
+
+
+def test_cli_errors_exit_1_with_message(tmp_path, model_file, capsys):
+    assert main(["compress", str(tmp_path / "nope.png"), "--model", str(model_file)]) == 1
+    assert "pqmim compress: error: no such image file" in capsys.readouterr().err
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"this is not an image")
+    assert main(["compress", str(junk), "--model", str(model_file)]) == 1
+    assert "not an image Pillow can read" in capsys.readouterr().err
+    notpqm = tmp_path / "x.pqm"
+    notpqm.write_bytes(b"GIF89a....")
+    assert main(["decompress", str(notpqm), "--model", str(model_file)]) == 1
+    assert "not a .pqm file (bad magic bytes)" in capsys.readouterr().err
+    assert main(["decompress", str(tmp_path / "missing.pqm")]) == 1
+    assert "no such .pqm file" in capsys.readouterr().err
+    assert main(["decompress", str(notpqm), "-o", str(tmp_path / "o.jpg")]) == 1
+    assert "unsupported suffix '.jpg'" in capsys.readouterr().err
+    src = tmp_path / "a.png"
+    Image.fromarray(_rgb(16, 16)).save(src)
+    assert main(["compress", str(src), "--model", str(tmp_path / "none.pt")]) == 1
+    assert "load_model: no model file at" in capsys.readouterr().err
+
+
+def test_read_image_modes(tmp_path):
+    rgb = _rgb(9, 7)
+    grey = rgb[..., 0]
+    Image.fromarray(grey, "L").save(tmp_path / "g.png")
+    assert np.array_equal(
+        cli_codec.read_image(tmp_path / "g.png"), np.repeat(grey[..., None], 3, 2)
+    )
+    g16 = (grey.astype(np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(g16).save(tmp_path / "g16.png")
+    assert np.array_equal(cli_codec.read_image(tmp_path / "g16.png")[..., 1], grey)
+    opaque = np.concatenate([rgb, np.full((9, 7, 1), 255, np.uint8)], axis=2)
+    Image.fromarray(opaque, "RGBA").save(tmp_path / "o.png")
+    assert np.array_equal(cli_codec.read_image(tmp_path / "o.png"), rgb)
+    clear = opaque.copy()
+    clear[3, 3, 3] = 10
+    Image.fromarray(clear, "RGBA").save(tmp_path / "t.png")
+    with pytest.raises(ValueError, match="transparent pixels"):
+        cli_codec.read_image(tmp_path / "t.png")
+    Image.fromarray(rgb).save(tmp_path / "j.jpg", quality=95)
+    assert cli_codec.read_image(tmp_path / "j.jpg").shape == (9, 7, 3)
+    Image.fromarray(grey.astype(np.float32), "F").save(tmp_path / "f.tif")
+    with pytest.raises(ValueError, match="unsupported pixel format 'F'"):
+        cli_codec.read_image(tmp_path / "f.tif")
+    with pytest.raises(ValueError, match="unsupported suffix '.gif'"):
+        cli_codec.write_image(tmp_path / "x.gif", rgb)
+
+
+def test_psnr():
+    a = _rgb(8, 8)
+    assert cli_codec.psnr(a, a) == float("inf")
+    b = a.astype(np.int16)
+    b[0, 0, 0] = (b[0, 0, 0] + 16) % 256
+    expect = 10 * np.log10(255**2 / ((a[0, 0, 0] - b[0, 0, 0]) ** 2 / a.size))
+    assert cli_codec.psnr(a, b.astype(np.uint8)) == pytest.approx(expect)
+    with pytest.raises(ValueError, match="PSNR: images differ in size"):
+        cli_codec.psnr(a, a[:4])

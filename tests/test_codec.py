@@ -1,0 +1,151 @@
+"""The codec end to end: bit-exact round trips, rate vs. the model's estimate, and errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from pqmim_kernels.coding import pqm_format as fmt
+from pqmim_kernels.models import (
+    PQMIM,
+    PQMIMConfig,
+    compress_image,
+    decompress_image,
+)
+
+TINY = PQMIMConfig(
+    channels=(8, 8, 8, 8),
+    latent_dim=8,
+    num_subspaces=2,
+    codebook_size=16,
+    mim_width=16,
+    mim_depth=1,
+    mim_heads=2,
+    stages=6,
+)
+
+
+def tiny_model(seed=0, config=TINY):
+    torch.manual_seed(seed)
+    model = PQMIM(config).train()
+    # one training-mode pass: k-means initialises the codebooks on real latents, so the codes
+    # vary across the grid (random codebooks map nearly every token to one code)
+    with torch.no_grad():
+        model.quantize(model.encode_latent(_image(64, 64, seed=seed + 100).expand(4, 3, 64, 64)))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(0)
+
+
+def _image(h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # smooth random image + noise: codes vary across the grid
+    base = torch.rand(1, 3, max(1, h // 8 + 1), max(1, w // 8 + 1), generator=g)
+    x = torch.nn.functional.interpolate(base, size=(h, w), mode="bilinear", align_corners=False)
+    return (x + 0.1 * torch.rand(1, 3, h, w, generator=g)).clamp(0, 1)
+
+
+SIZES = [(1, 1), (5, 9), (16, 16), (17, 33), (48, 64), (37, 50), (80, 112)]
+
+
+@pytest.mark.parametrize("h,w", SIZES)
+def test_round_trip_is_bit_exact(model, h, w):
+    x = _image(h, w, seed=h * 1000 + w)
+    data = model.compress(x)
+    codes, size = model.decompress_codes(data)
+    assert size == (h, w)
+    assert torch.equal(codes, model.encode_codes(x))  # bit-exact codes
+    y = model.decompress(data)
+    assert y.shape == (1, 3, h, w) and y.dtype == torch.float32
+    assert torch.equal(y, model.decode_codes(model.encode_codes(x), (h, w)))
+    assert 0.0 <= float(y.min()) and float(y.max()) <= 1.0
+    assert model.compress(x) == data  # deterministic
+
+
+@pytest.mark.parametrize("h,w", [(48, 64), (80, 112), (130, 97)])
+def test_rate_matches_cross_entropy(model, h, w):
+    x = _image(h, w, seed=7)
+    data = model.compress(x)
+    ideal, float_bits = model.estimate_bits(x)
+    header, payload = fmt.unpack(data)
+    header_bytes = len(data) - len(payload)
+    assert header_bytes <= 11
+    # the rANS stream adds a few framing bytes (1 + 5..8 per state, 32-bit words): <= 12 bytes
+    assert 8 * len(data) <= 1.01 * float_bits + 8 * (header_bytes + 12)
+    assert 8 * len(payload) >= ideal - 1.0  # no coder beats the ideal code length
+    assert ideal == pytest.approx(float_bits, rel=0.01)  # probability quantisation is cheap
+
+
+def test_bpp_counts_the_whole_file(model):
+    img = (_image(24, 40)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    data = compress_image(img, model)
+    out = decompress_image(data, model)
+    assert out.shape == (24, 40, 3) and out.dtype == np.uint8
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    expect = (model.decode_codes(model.encode_codes(x), (24, 40))[0].permute(1, 2, 0) * 255).round()
+    assert np.array_equal(out, expect.to(torch.uint8).numpy())
+
+
+def test_compress_rejects_bad_input(model):
+    with pytest.raises(ValueError, match=r"compress: x must hold one image \(1, 3, H, W\)"):
+        model.compress(torch.rand(2, 3, 16, 16))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        model.compress(np.zeros((1, 3, 16, 16), np.float32))
+    with pytest.raises(TypeError, match="image must be uint8, got float32"):
+        compress_image(np.zeros((4, 4, 3), np.float32), model)
+    with pytest.raises(ValueError, match=r"image must have shape \(H, W, 3\)"):
+        compress_image(np.zeros((4, 4), np.uint8), model)
+    with pytest.raises(TypeError, match="image must be a numpy array"):
+        compress_image([[0]], model)
+
+
+def test_foreign_truncated_and_corrupt_files(model):
+    data = model.compress(_image(64, 80, seed=3))
+    with pytest.raises(ValueError, match="bad magic"):
+        model.decompress(b"\x89PNG\r\n\x1a\n" + data)
+    with pytest.raises(TypeError, match="a .pqm file must be bytes"):
+        model.decompress(None)
+    with pytest.raises(ValueError, match="truncated header"):
+        model.decompress(data[:6])
+    for cut in (1, 4, len(data) - 10):
+        with pytest.raises(ValueError, match="corrupt .pqm payload|code check"):
+            model.decompress(data[:-cut])
+    hdr = len(data) - len(fmt.unpack(data)[1])
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        bad = bytearray(data)
+        i = int(rng.integers(hdr, len(data)))
+        bad[i] ^= 1 << int(rng.integers(0, 8))
+        with pytest.raises(ValueError, match="corrupt .pqm payload|code check"):
+            model.decompress(bytes(bad))
+    with pytest.raises(ValueError, match="corrupt .pqm payload|code check"):
+        model.decompress(data + b"\0\0\0\0")
+
+
+def test_header_mismatches(model):
+    data = model.compress(_image(32, 32, seed=5))
+    header, payload = fmt.unpack(data)
+    other = tiny_model(1)
+    with pytest.raises(ValueError, match="was made by model .* not by the loaded model"):
+        other.decompress(data)
+    bad_check = fmt.pack(fmt.PqmHeader(**{**header.__dict__, "check": header.check ^ 1}), payload)
+    with pytest.raises(ValueError, match="fail the .pqm code check"):
+        model.decompress(bad_check)
+    stages = fmt.pack(fmt.PqmHeader(**{**header.__dict__, "stages_sent": 3}), payload)
+    with pytest.raises(ValueError, match="holds 3 stages; the model codes 6"):
+        model.decompress(stages)
+
+
+def test_probability_mismatch_is_detected(model):
+    """A decoder whose entropy model differs (as on another device) never returns silently
+    wrong codes: the rANS end check or the code check fires."""
+    x = _image(96, 96, seed=11)
+    data = model.compress(x)
+    drift = tiny_model(0)
+    with torch.no_grad():
+        drift.entropy_model.head.bias.add_(0.5 * torch.randn_like(drift.entropy_model.head.bias))
+    drift.model_id = model.model_id  # pretend to be the same model
+    with pytest.raises(ValueError, match="corrupt .pqm payload|code check"):
+        drift.decompress(data)

@@ -1,0 +1,91 @@
+"""The .pqm container: header fields, varints, code check, and every parse error."""
+
+import numpy as np
+import pytest
+
+from pqmim_kernels.coding import pqm_format as fmt
+
+
+def _header(**kw):
+    base = dict(model_id=b"\x12\x34", height=512, width=768, stages_sent=10, check=0xBEEF)
+    base.update(kw)
+    return fmt.PqmHeader(**base)
+
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 16383, 16384, 2**21, 2**35 - 1])
+def test_varint_round_trip(value):
+    data = fmt.write_varint(value)
+    assert fmt.read_varint(b"x" + data, 1) == (value, 1 + len(data))
+    assert len(data) == max(1, (value.bit_length() + 6) // 7)
+
+
+def test_varint_errors():
+    with pytest.raises(ValueError, match=r"varint: value must be an int in \[0, 2\*\*35\)"):
+        fmt.write_varint(-1)
+    with pytest.raises(ValueError, match="truncated header"):
+        fmt.read_varint(b"\x80", 0)
+    with pytest.raises(ValueError, match="varint longer than 5 bytes"):
+        fmt.read_varint(b"\xff" * 6, 0)
+    with pytest.raises(ValueError, match="non-canonical varint"):
+        fmt.read_varint(b"\x81\x00", 0)
+
+
+def test_pack_unpack_round_trip_and_size():
+    h = _header()
+    data = fmt.pack(h, b"payload")
+    assert data[:2] == fmt.MAGIC
+    assert len(data) == 2 + 1 + 2 + 2 + 2 + 2 + len(b"payload")  # 11-byte header for Kodak
+    got, payload = fmt.unpack(data)
+    assert got == h and payload == b"payload"
+    tiny = fmt.pack(_header(height=1, width=16, stages_sent=1, check=0), b"")
+    assert len(tiny) == 9
+    assert fmt.unpack(tiny) == (_header(height=1, width=16, stages_sent=1, check=0), b"")
+
+
+def test_pack_rejects_bad_fields():
+    with pytest.raises(ValueError, match="model_id must be 2 bytes"):
+        fmt.pack(_header(model_id=b"abc"), b"")
+    with pytest.raises(ValueError, match=r"stages_sent must be in \[1, 16\]"):
+        fmt.pack(_header(stages_sent=17), b"")
+    with pytest.raises(ValueError, match="height must be in"):
+        fmt.pack(_header(height=0), b"")
+    with pytest.raises(ValueError, match="check must fit 16 bits"):
+        fmt.pack(_header(check=1 << 16), b"")
+    with pytest.raises(TypeError, match="pqm payload must be bytes"):
+        fmt.pack(_header(), "text")
+
+
+def test_unpack_errors():
+    good = fmt.pack(_header(), b"xyz")
+    with pytest.raises(TypeError, match="a .pqm file must be bytes, got str"):
+        fmt.unpack("PQ")
+    with pytest.raises(ValueError, match=r"not a .pqm file \(bad magic bytes\)"):
+        fmt.unpack(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    with pytest.raises(ValueError, match="bad magic"):
+        fmt.unpack(b"")
+    with pytest.raises(ValueError, match="truncated header"):
+        fmt.unpack(good[:4])
+    for cut in range(5, 10):  # every cut inside the varints / check is a clear error
+        with pytest.raises(ValueError, match="truncated header"):
+            fmt.unpack(good[:cut])
+    bad_version = bytearray(good)
+    bad_version[2] = (7 << 4) | (bad_version[2] & 0xF)
+    with pytest.raises(ValueError, match="unsupported .pqm format version 7"):
+        fmt.unpack(bytes(bad_version))
+    zero_h = fmt.MAGIC + bytes([0x19]) + b"\x12\x34" + b"\x00\x05" + b"\0\0"
+    with pytest.raises(ValueError, match=r"image height 0 out of range"):
+        fmt.unpack(zero_h)
+
+
+def test_code_check_sensitivity():
+    codes = np.arange(600, dtype=np.int64).reshape(100, 6) % 256
+    c = fmt.code_check(codes)
+    assert 0 <= c < 65536
+    assert fmt.code_check(codes.copy()) == c
+    flipped = codes.copy()
+    flipped[37, 2] ^= 1
+    assert fmt.code_check(flipped) != c
+    # known value: CRC-32 of the little-endian uint16 bytes, low 16 bits
+    import zlib
+
+    assert c == zlib.crc32(codes.astype("<u2").tobytes()) & 0xFFFF
