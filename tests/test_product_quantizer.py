@@ -221,3 +221,55 @@ def test_forward_rejects_bad_input():
         cf(torch.randn(2, 5, 8))
     with pytest.raises(RuntimeError, match="sync_distributed=True but torch.distributed"):
         ProductQuantizer(8, 2, 4, sync_distributed=True)(torch.randn(3, 8))
+
+
+# ---- drop-in for vector-quantize-pytorch --------------------------------------------------------
+
+
+def _manifold_tokens(n, g):
+    """(n, 4, 16) tokens on a curved 2-D manifold in R^16, plus a little noise."""
+    t = torch.rand(n, 4, 2, generator=g) * 6 - 3
+    basis = torch.linspace(0, 1, 16)
+    x = torch.sin(t[..., :1] * (1 + 3 * basis)) + torch.cos(t[..., 1:] * (2 - basis))
+    return x + 0.01 * torch.randn(x.shape, generator=g)
+
+
+def _train_tiny_autoencoder(quantizer, steps):
+    """The same training loop for any quantizer with the VectorQuantize call convention."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8))
+    dec = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 16))
+    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = _manifold_tokens(256, g)
+        quantized, indices, loss = quantizer(enc(x))
+        total = torch.nn.functional.mse_loss(dec(quantized), x) + loss
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    quantizer.eval()
+    with torch.no_grad():
+        x = _manifold_tokens(4096, torch.Generator().manual_seed(123))
+        quantized, indices, loss = quantizer(enc(x))
+        mse = torch.nn.functional.mse_loss(dec(quantized), x).item()
+        usage = [indices[..., m].unique().numel() / 16 for m in range(indices.shape[-1])]
+        assert torch.equal(quantizer.get_output_from_indices(indices), quantized)
+    return mse, usage, quantized.shape, indices.shape, loss.shape
+
+
+def test_drop_in_for_vector_quantize_pytorch_trains_at_least_as_well():
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    common = dict(decay=0.99, commitment_weight=0.25, kmeans_init=True, threshold_ema_dead_code=2)
+    ours = ProductQuantizer(8, 2, 16, **common)
+    theirs = vqp.VectorQuantize(
+        8, 16, heads=2, separate_codebook_per_head=True, codebook_dim=4, **common
+    )
+    assert ours.codebooks.shape == theirs.codebook.shape == (2, 16, 4)
+    mse_ours, use_ours, *shapes_ours = _train_tiny_autoencoder(ours, steps=120)
+    mse_theirs, use_theirs, *shapes_theirs = _train_tiny_autoencoder(theirs, steps=120)
+    assert shapes_ours == shapes_theirs  # same return convention: (4096, 4, 8), (4096, 4, 2)
+    assert mse_ours <= mse_theirs, (mse_ours, mse_theirs)
+    assert min(use_ours) >= min(use_theirs), (use_ours, use_theirs)
