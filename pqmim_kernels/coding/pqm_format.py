@@ -12,7 +12,7 @@ the written spec is ``docs/PQM_FORMAT.md``::
     .       2     code check: CRC-32 of the coded token codes, low 16 bits
     .       ...   rANS payload (rest of the file)
 
-A 768×512 image has a 10-byte header. Every parse error is a ``ValueError`` whose message says
+A 768×512 image has an 11-byte header. Every parse error is a ``ValueError`` whose message says
 what is wrong; nothing here can crash the process on hostile input.
 """
 

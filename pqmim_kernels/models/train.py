@@ -292,7 +292,7 @@ def train(
     em.train()
     net = wrap(em)
     opt = torch.optim.AdamW(em.parameters(), lr=cfg.lr2, weight_decay=0.01)
-    if ckpt is not None and ckpt["state"]["stage"] == 2:
+    if ckpt is not None and ckpt["state"]["stage"] >= 2:
         opt.load_state_dict(ckpt["opt"])
     t0 = time.time() - state["elapsed"]
     bar = tqdm(
