@@ -48,33 +48,17 @@ _MAX_HEAD_DIM = 256
 
 @triton.jit
 def _score_tile(
-    q,
-    k,
-    b,
-    h,
-    offs_m,
-    offs_n,
-    m_valid,
-    n_end,
-    KMASK,
-    AMASK,
-    qk_scale,
-    stride_kmb,
-    stride_amb,
-    stride_amh,
-    stride_amm,
-    stride_amn,
-    HAS_KEY_MASK: tl.constexpr,
-    MASK_MODE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """(BLOCK_M, BLOCK_N) fp32 scores in log2 units, hidden keys at -inf."""
+    q, k, b, h, offs_m, offs_n, m_valid, n_end, KMASK, AMASK, qk_scale,
+    stride_kmb, stride_amb, stride_amh, stride_amm, stride_amn,
+    HAS_KEY_MASK: tl.constexpr, MASK_MODE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CHECK_N: tl.constexpr,
+):  # fmt: skip
+    """(BLOCK_M, BLOCK_N) fp32 scores in log2 units, hidden keys at -inf.
+
+    ``CHECK_N=False`` for key blocks wholly below ``n_end``: no per-element bound select.
+    """
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
     n_valid = offs_n < n_end
-    keep = n_valid[None, :]
-    if HAS_KEY_MASK:
-        km = tl.load(KMASK + b.to(tl.int64) * stride_kmb + offs_n, mask=n_valid, other=0)
-        keep = keep & (km != 0)[None, :]
     if MASK_MODE != 0:
         am_ptrs = (
             AMASK
@@ -86,11 +70,28 @@ def _score_tile(
         tile_valid = m_valid[:, None] & n_valid[None, :]
         if MASK_MODE == 1:
             am = tl.load(am_ptrs, mask=tile_valid, other=0)
-            keep = keep & (am != 0)
+            s = tl.where(am != 0, s, float("-inf"))
         else:
             bias = tl.load(am_ptrs, mask=tile_valid, other=0.0).to(tl.float32)
             s = s + bias * 1.4426950408889634
-    return tl.where(keep, s, float("-inf"))
+    if HAS_KEY_MASK:
+        km = tl.load(KMASK + b.to(tl.int64) * stride_kmb + offs_n, mask=n_valid, other=0)
+        s = tl.where((km != 0)[None, :], s, float("-inf"))
+    if CHECK_N:
+        s = tl.where(n_valid[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _load_rows(ptrs, offs, end, d_valid, CHECK: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a (rows, D_PAD) tile; rows >= end and padded head-dim columns read as 0."""
+    if CHECK:
+        x = tl.load(ptrs, mask=(offs < end)[:, None] & d_valid[None, :], other=0.0)
+    elif EVEN_D:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=d_valid[None, :], other=0.0)
+    return x
 
 
 @triton.jit
@@ -100,19 +101,18 @@ def _fwd_step(
     stride_kn, stride_kd, stride_vn, stride_vd,
     stride_kmb, stride_amb, stride_amh, stride_amm, stride_amn,
     HAS_KEY_MASK: tl.constexpr, MASK_MODE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CHECK_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     """One key block of the online softmax: returns the updated (m_i, l_i, acc)."""
     offs_n = start_n + offs_n0
-    kv_mask = (offs_n < n_end)[:, None] & d_valid[None, :]
-    k = tl.load(
+    k = _load_rows(
         k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        mask=kv_mask,
-        other=0.0,
-    )
+        offs_n, n_end, d_valid, CHECK_N, EVEN_D,
+    )  # fmt: skip
     s = _score_tile(
         q, k, b, h, offs_m, offs_n, m_valid, n_end, KMASK, AMASK, qk_scale,
         stride_kmb, stride_amb, stride_amh, stride_amm, stride_amn,
-        HAS_KEY_MASK, MASK_MODE, INPUT_PRECISION,
+        HAS_KEY_MASK, MASK_MODE, INPUT_PRECISION, CHECK_N,
     )  # fmt: skip
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # While a row has seen no visible key its max is -inf; shifting by 0 instead keeps
@@ -121,11 +121,10 @@ def _fwd_step(
     p = tl.math.exp2(s - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(
+    v = _load_rows(
         v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-        mask=kv_mask,
-        other=0.0,
-    )
+        offs_n, n_end, d_valid, CHECK_N, EVEN_D,
+    )  # fmt: skip
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
     m_i = m_new
     return m_i, l_i, acc
@@ -202,26 +201,36 @@ def _masked_attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    # Key blocks wholly below n_end skip the bound check; one partial tail block follows.
+    n_full = n_end - n_end % BLOCK_N
     if INTERPRETER:
         start_n = 0
-        while start_n < n_end:
+        while start_n < n_full:
             m_i, l_i, acc = _fwd_step(
                 q, m_i, l_i, acc, start_n, k_base, v_base, b, h, offs_m, offs_n0, offs_d,
                 m_valid, d_valid, n_end, KMASK, AMASK, qk_scale,
                 stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_kmb, stride_amb, stride_amh, stride_amm, stride_amn,
-                HAS_KEY_MASK, MASK_MODE, INPUT_PRECISION,
+                HAS_KEY_MASK, MASK_MODE, INPUT_PRECISION, False, HEAD_DIM == D_PAD,
             )  # fmt: skip
             start_n += BLOCK_N
     else:
-        for start_n in range(0, n_end, BLOCK_N):
+        for start_n in range(0, n_full, BLOCK_N):
             m_i, l_i, acc = _fwd_step(
                 q, m_i, l_i, acc, start_n, k_base, v_base, b, h, offs_m, offs_n0, offs_d,
                 m_valid, d_valid, n_end, KMASK, AMASK, qk_scale,
                 stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_kmb, stride_amb, stride_amh, stride_amm, stride_amn,
-                HAS_KEY_MASK, MASK_MODE, INPUT_PRECISION,
+                HAS_KEY_MASK, MASK_MODE, INPUT_PRECISION, False, HEAD_DIM == D_PAD,
             )  # fmt: skip
+    if n_full < n_end:
+        m_i, l_i, acc = _fwd_step(
+            q, m_i, l_i, acc, n_full, k_base, v_base, b, h, offs_m, offs_n0, offs_d,
+            m_valid, d_valid, n_end, KMASK, AMASK, qk_scale,
+            stride_kn, stride_kd, stride_vn, stride_vd,
+            stride_kmb, stride_amb, stride_amh, stride_amm, stride_amn,
+            HAS_KEY_MASK, MASK_MODE, INPUT_PRECISION, True, HEAD_DIM == D_PAD,
+        )  # fmt: skip
 
     # A visible row's sum is >= 1 (its max term is exp2(0)); 0 means no visible key.
     empty = l_i == 0.0
@@ -246,24 +255,22 @@ def _dq_step(
     stride_kn, stride_kd, stride_vn, stride_vd,
     stride_kmb, stride_amb, stride_amh, stride_amm, stride_amn,
     HAS_KEY_MASK: tl.constexpr, MASK_MODE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CHECK_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     """One key block of dq = sum_n dS[:, n] k[n] (unscaled); returns the updated dq."""
     offs_n = start_n + offs_n0
-    kv_mask = (offs_n < n_end)[:, None] & d_valid[None, :]
-    k = tl.load(
+    k = _load_rows(
         k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        mask=kv_mask,
-        other=0.0,
-    )
-    v = tl.load(
+        offs_n, n_end, d_valid, CHECK_N, EVEN_D,
+    )  # fmt: skip
+    v = _load_rows(
         v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-        mask=kv_mask,
-        other=0.0,
-    )
+        offs_n, n_end, d_valid, CHECK_N, EVEN_D,
+    )  # fmt: skip
     s = _score_tile(
         q, k, b, h, offs_m, offs_n, m_valid, n_end, KMASK, AMASK, qk_scale,
         stride_kmb, stride_amb, stride_amh, stride_amm, stride_amn,
-        HAS_KEY_MASK, MASK_MODE, INPUT_PRECISION,
+        HAS_KEY_MASK, MASK_MODE, INPUT_PRECISION, CHECK_N,
     )  # fmt: skip
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
@@ -363,26 +370,35 @@ def _masked_attn_bwd_dq(
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    n_full = n_end - n_end % BLOCK_N
     if INTERPRETER:
         start_n = 0
-        while start_n < n_end:
+        while start_n < n_full:
             dq = _dq_step(
                 q, do, dq, lse2, delta, start_n, k_base, v_base, b, h, offs_m, offs_n0, offs_d,
                 m_valid, d_valid, n_end, KMASK, AMASK, qk_scale,
                 stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_kmb, stride_amb, stride_amh, stride_amm, stride_amn,
-                HAS_KEY_MASK, MASK_MODE, INPUT_PRECISION,
+                HAS_KEY_MASK, MASK_MODE, INPUT_PRECISION, False, HEAD_DIM == D_PAD,
             )  # fmt: skip
             start_n += BLOCK_N
     else:
-        for start_n in range(0, n_end, BLOCK_N):
+        for start_n in range(0, n_full, BLOCK_N):
             dq = _dq_step(
                 q, do, dq, lse2, delta, start_n, k_base, v_base, b, h, offs_m, offs_n0, offs_d,
                 m_valid, d_valid, n_end, KMASK, AMASK, qk_scale,
                 stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_kmb, stride_amb, stride_amh, stride_amm, stride_amn,
-                HAS_KEY_MASK, MASK_MODE, INPUT_PRECISION,
+                HAS_KEY_MASK, MASK_MODE, INPUT_PRECISION, False, HEAD_DIM == D_PAD,
             )  # fmt: skip
+    if n_full < n_end:
+        dq = _dq_step(
+            q, do, dq, lse2, delta, n_full, k_base, v_base, b, h, offs_m, offs_n0, offs_d,
+            m_valid, d_valid, n_end, KMASK, AMASK, qk_scale,
+            stride_kn, stride_kd, stride_vn, stride_vd,
+            stride_kmb, stride_amb, stride_amh, stride_amm, stride_amn,
+            HAS_KEY_MASK, MASK_MODE, INPUT_PRECISION, True, HEAD_DIM == D_PAD,
+        )  # fmt: skip
     dq = dq * sm_scale
     tl.store(DQ + o_off + o_tile, dq.to(DQ.dtype.element_ty), mask=md_mask)
 
@@ -412,7 +428,7 @@ def _dkdv_step(
     s = _score_tile(
         q, k, b, h, offs_m, offs_n, m_valid, n_end, KMASK, AMASK, qk_scale,
         stride_kmb, stride_amb, stride_amh, stride_amm, stride_amn,
-        HAS_KEY_MASK, MASK_MODE, INPUT_PRECISION,
+        HAS_KEY_MASK, MASK_MODE, INPUT_PRECISION, True,
     )  # fmt: skip
     p = tl.math.exp2(s - lse2[:, None])
     dv = tl.dot(tl.trans(p).to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
