@@ -72,23 +72,27 @@ _PQ_TRITON_MAX_D = 256
 
 @torch.library.custom_op("pqmim::pq_assign", mutates_args=())
 def _pq_assign_op(
-    z: torch.Tensor, codebooks: torch.Tensor, backend: str
+    z: torch.Tensor, codebooks: torch.Tensor, backend: str, with_distances: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # One opaque op for torch.compile: the backend is resolved before tracing reaches here, so
-    # the graph holds a single node and the kernels are never traced by dynamo.
+    # the graph holds a single node and the kernels are never traced by dynamo. Without
+    # with_distances the second output is an empty placeholder (a custom op has fixed outputs).
     if backend == "triton":
         from pqmim_kernels.ops.pq_assign import pq_assign_triton
 
-        return pq_assign_triton(z, codebooks)
-    from pqmim_kernels.reference.pq import pq_assign_chunked
+        codes, dists = pq_assign_triton(z, codebooks, with_distances=with_distances)
+    else:
+        from pqmim_kernels.reference.pq import pq_assign_chunked
 
-    return pq_assign_chunked(z, codebooks)
+        codes, dists = pq_assign_chunked(z, codebooks, with_distances=with_distances)
+    return codes, dists if with_distances else z.new_empty(0, dtype=torch.float32)
 
 
 @_pq_assign_op.register_fake
-def _pq_assign_fake(z, codebooks, backend):
+def _pq_assign_fake(z, codebooks, backend, with_distances):
     shape = (*z.shape[:-1], codebooks.shape[0])
-    return z.new_empty(shape, dtype=torch.int64), z.new_empty(shape, dtype=torch.float32)
+    dist_shape = shape if with_distances else (0,)
+    return z.new_empty(shape, dtype=torch.int64), z.new_empty(dist_shape, dtype=torch.float32)
 
 
 def pq_assign(
@@ -126,7 +130,7 @@ def pq_assign(
                 f"{_PQ_TRITON_MAX_D}, got d = {d}; use backend='reference' or 'auto'"
             )
         chosen = "reference"  # documented rule of "auto": the kernel keeps d in registers
-    codes, dists = _pq_assign_op(z.detach(), codebooks.detach(), chosen)
+    codes, dists = _pq_assign_op(z.detach(), codebooks.detach(), chosen, bool(return_distances))
     return (codes, dists) if return_distances else codes
 
 

@@ -201,7 +201,16 @@ def test_ema_statistics_match_definition():
 
 def test_custom_op_passes_opcheck():
     z, cb = make_inputs((13,), 3, 20, 4, torch.float32)
-    torch.library.opcheck(F._pq_assign_op, (z, cb, "reference"))
+    for with_distances in (True, False):
+        torch.library.opcheck(F._pq_assign_op, (z, cb, "reference", with_distances))
+
+
+def test_codes_do_not_depend_on_distance_request():
+    z, cb = make_inputs((41,), 3, 300, 12, torch.float32, seed=9)
+    codes, none = ref.pq_assign_chunked(z, cb, with_distances=False)
+    assert none is None
+    assert torch.equal(codes, ref.pq_assign_chunked(z, cb)[0])
+    assert torch.equal(F.pq_assign(z, cb), codes)
 
 
 def test_torch_compile_fullgraph_has_no_graph_break():
@@ -334,6 +343,8 @@ def _run_triton_worker(inp: str, out: str) -> None:
         z = case["z"][:: case["row_step"]]
         cb = case["cb"]
         codes, dists = F.pq_assign(z, cb, return_distances=True, backend="triton")
+        codes_only = F.pq_assign(z, cb, backend="triton")  # WITH_DIST=False variant
+        assert torch.equal(codes_only, codes), name
         counts, sums = F.pq_ema_statistics(z, codes, cb.shape[1], backend="triton")
         results[name] = {"codes": codes, "dists": dists, "counts": counts, "sums": sums}
     # torch.compile traces the custom op (Triton backend) as one node

@@ -54,6 +54,7 @@ def _pq_assign_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    WITH_DIST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -99,16 +100,16 @@ def _pq_assign_kernel(
         best_idx = tl.where(better, tile_arg.to(tl.int32) + k0, best_idx)
         best = tl.where(better, tile_min, best)
 
-    c_best = tl.load(
-        cb_base + best_idx[:, None].to(tl.int64) * D_SUB + offs_d[None, :],
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    diff = z.to(tl.float32) - c_best.to(tl.float32)
-    dist = tl.sum(diff * diff, axis=1)
     out = rows.to(tl.int64) * M + m
     tl.store(codes_ptr + out, best_idx.to(tl.int64), mask=row_ok)
-    tl.store(dist_ptr + out, dist, mask=row_ok)
+    if WITH_DIST:
+        c_best = tl.load(
+            cb_base + best_idx[:, None].to(tl.int64) * D_SUB + offs_d[None, :],
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        diff = z.to(tl.float32) - c_best.to(tl.float32)
+        tl.store(dist_ptr + out, tl.sum(diff * diff, axis=1), mask=row_ok)
 
 
 def _configs():
@@ -126,7 +127,7 @@ def _configs():
 
 
 # Autotuned on GPU, keyed on the compile-time shape; the interpreter uses one small tiling.
-_pq_assign_tuned = triton.autotune(configs=_configs(), key=["K", "D_SUB", "UPCAST"])(
+_pq_assign_tuned = triton.autotune(configs=_configs(), key=["K", "D_SUB", "UPCAST", "WITH_DIST"])(
     _pq_assign_kernel
 )
 
@@ -135,7 +136,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def pq_assign_triton(z: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pq_assign_triton(
+    z: torch.Tensor, codebooks: torch.Tensor, *, with_distances: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the fused assignment (inputs already validated by the caller).
 
     Args:
@@ -144,7 +147,8 @@ def pq_assign_triton(z: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Te
         codebooks: (M, K, d) with M·d = D and d ≤ ``MAX_SUBSPACE_DIM``.
 
     Returns:
-        codes (..., M) int64 and distances to the chosen codewords (..., M) float32.
+        codes (..., M) int64 and distances to the chosen codewords (..., M) float32 (``None``
+        without ``with_distances``, which skips their computation).
     """
     m, k, d = codebooks.shape
     if d > MAX_SUBSPACE_DIM:
@@ -156,9 +160,13 @@ def pq_assign_triton(z: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Te
     z2 = z.reshape(-1, m * d)
     n = z2.shape[0]
     codes = torch.empty(n, m, dtype=torch.int64, device=z.device)
-    dists = torch.empty(n, m, dtype=torch.float32, device=z.device)
+    dists = torch.empty(n if with_distances else 0, m, dtype=torch.float32, device=z.device)
+
+    def result():
+        return codes.reshape(*lead, m), dists.reshape(*lead, m) if with_distances else None
+
     if n == 0:
-        return codes.reshape(*lead, m), dists.reshape(*lead, m)
+        return result()
     cb = codebooks.contiguous()
     interpret = _interpreting()
     upcast = z.dtype != cb.dtype or (interpret and z.dtype == torch.bfloat16)
@@ -175,11 +183,14 @@ def pq_assign_triton(z: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Te
             BLOCK_K=block_k,
             BLOCK_D=block_d,
             UPCAST=upcast,
+            WITH_DIST=with_distances,
         )
     else:
 
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]), m)
 
-        _pq_assign_tuned[grid](*args, K=k, D_SUB=d, BLOCK_D=block_d, UPCAST=upcast)
-    return codes.reshape(*lead, m), dists.reshape(*lead, m)
+        _pq_assign_tuned[grid](
+            *args, K=k, D_SUB=d, BLOCK_D=block_d, UPCAST=upcast, WITH_DIST=with_distances
+        )
+    return result()

@@ -101,18 +101,20 @@ def pq_assign_chunked(
     codebooks: torch.Tensor,
     *,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_distances: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Eager assignment with bounded memory (any device; the CPU backend).
 
     Args:
         z: (..., D) float32/float16/bfloat16, any strides.
         codebooks: (M, K, d) float32/float16/bfloat16 with M·d = D.
         max_chunk_bytes: budget of one fp32 (M, rows, K) score block.
+        with_distances: also compute the distances (else ``None`` is returned for them).
 
     Returns:
         codes (..., M) int64 and the squared distances to the chosen codewords (..., M) float32.
 
-    Peak extra memory: the score block (≤ ``max_chunk_bytes``) plus an fp32 copy of one row
+    Peak extra memory: the score block (≤ ``max_chunk_bytes``) plus fp32 copies of one row
     chunk, plus the outputs; e.g. ~100 MiB at N = 262,144, M = 16, K = 1024.
     """
     m, k, d = check_pq_inputs(z, codebooks, "pq_assign")
@@ -120,23 +122,29 @@ def pq_assign_chunked(
     z2 = z.reshape(-1, m * d)
     n = z2.shape[0]
     codes = torch.empty(n, m, dtype=torch.int64, device=z.device)
-    dists = torch.empty(n, m, dtype=torch.float32, device=z.device)
+    dists = torch.empty(n, m, dtype=torch.float32, device=z.device) if with_distances else None
     cb = codebooks.detach().float()
     cb_t = cb.transpose(1, 2)  # (M, d, K)
     cnorm = (cb * cb).sum(-1).unsqueeze(1)  # (M, 1, K)
+    cb_rows = cb.reshape(m * k, d)
+    offsets = torch.arange(m, device=z.device) * k
+    ones = torch.ones(d, device=z.device)
     rows = max(1, min(n, max_chunk_bytes // (4 * m * k)))
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        zc = z2[r0:r1].detach().float().reshape(r1 - r0, m, d).transpose(0, 1)  # (M, rows, d)
+        zc = z2[r0:r1].detach().float().reshape(r1 - r0, m, d)  # (rows, M, d)
         # Expanded score in fp32; argmin returns the first minimum, i.e. ties to lowest index.
-        scores = torch.baddbmm(cnorm, zc, cb_t, beta=1.0, alpha=-2.0)
-        idx = scores.argmin(dim=-1)  # (M, rows)
+        scores = torch.baddbmm(cnorm, zc.transpose(0, 1), cb_t, beta=1.0, alpha=-2.0)
+        idx = scores.argmin(dim=-1).t()  # (rows, M)
         del scores
-        chosen = torch.gather(cb, 1, idx.unsqueeze(-1).expand(m, r1 - r0, d))
-        diff = zc - chosen
-        codes[r0:r1] = idx.t()
-        dists[r0:r1] = (diff * diff).sum(-1).t()
-    return codes.reshape(*lead, m), dists.reshape(*lead, m)
+        codes[r0:r1] = idx
+        if with_distances:
+            # Direct Σ (z − c*)² on contiguous (rows, M, d) tiles; the sum over d as a
+            # matrix-vector product is ~10x faster on CPU than a strided reduction.
+            diff = zc - cb_rows[idx + offsets]
+            dists[r0:r1] = diff.square_() @ ones
+    out_d = dists.reshape(*lead, m) if with_distances else None
+    return codes.reshape(*lead, m), out_d
 
 
 def pq_lookup(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
@@ -221,7 +229,7 @@ def kmeans(
     counts = torch.zeros(m, num_codes, device=x.device)
     flat = x.reshape(n, m * d)
     for _ in range(iters):
-        codes, _ = pq_assign_chunked(flat, centroids)
+        codes, _ = pq_assign_chunked(flat, centroids, with_distances=False)
         counts, sums = pq_ema_statistics(flat, codes, num_codes)
         filled = counts > 0
         centroids = torch.where(
