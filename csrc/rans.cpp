@@ -44,6 +44,12 @@ void parallel_for(int64_t n, int threads, int64_t work_per_item, Fn fn) {
     if (e) std::rethrow_exception(e);
 }
 
+// Requests a whole row ahead of use: the quantiser makes three passes over each row, the
+// first of which would otherwise wait on memory for every line.
+inline void prefetch_row(const float* p, int64_t k) {
+  for (int64_t i = 0; i < k; i += 16) __builtin_prefetch(p + i);
+}
+
 void check_symbol(int64_t s, int64_t k, int64_t i) {
   if (s < 0 || s >= k)
     throw Error("symbols[" + std::to_string(i) + "] = " + std::to_string(s) +
@@ -264,6 +270,7 @@ void Encoder::push_probs(const int64_t* symbols, const float* probs, int64_t n, 
     parallel_for(n, num_threads_, k, [&](int64_t lo, int64_t hi) {
       std::vector<uint32_t> f(static_cast<size_t>(k));
       for (int64_t r = lo; r < hi; ++r) {
+        if (r + 1 < hi) prefetch_row(probs + (r + 1) * k, k);
         int64_t s = symbols[r];
         check_symbol(s, k, r);
         quantize_row(probs + r * k, k, precision_, f.data(), r);
@@ -336,9 +343,9 @@ std::vector<uint8_t> Encoder::finish() {
   const int64_t n = pending();
   std::vector<uint8_t> bytes;
   if (n == 0) return bytes;
-  int lanes = lanes_ != 0 ? lanes_ : (n >= kInterleaveMinSymbols ? kWideLanes : 1);
-  uint64_t state[kWideLanes];
-  std::fill(state, state + kWideLanes, kLow);
+  int lanes = lanes_ != 0 ? lanes_ : (n >= kInterleaveMinSymbols ? kInterleavedLanes : 1);
+  uint64_t state[kMaxLanes];
+  std::fill(state, state + kMaxLanes, kLow);
   std::vector<uint32_t> stack(static_cast<size_t>(n));  // at most one word per symbol
   size_t words = 0;
   switch (lanes) {
@@ -372,7 +379,7 @@ std::vector<uint8_t> Encoder::finish() {
 Decoder::Decoder(const uint8_t* data, size_t size, int precision, int num_threads)
     : data_(data, data + size), precision_(precision), num_threads_(std::max(1, num_threads)) {
   check_precision(precision);
-  std::fill(state_, state_ + kWideLanes, kLow);
+  std::fill(state_, state_ + kMaxLanes, kLow);
   if (size == 0) return;  // the stream of zero symbols
   uint8_t h = data_[0];
   lanes_ = 1 << (h & 3);
@@ -424,16 +431,24 @@ void Decoder::pop_probs(const float* probs, int64_t n, int64_t k, int64_t* out) 
   check_alphabet(k, precision_);
   need_stream(n);
   const uint64_t mask = (uint64_t{1} << precision_) - 1;
-  // Rows are quantised in blocks by all threads (their frequencies do not depend on the
-  // stream), then the block is decoded serially.
-  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t{1} << 20) / k));
+  // Single-threaded, each row is quantised into an L1-resident scratch row and decoded at
+  // once. With threads, rows are quantised in blocks by all threads (frequencies do not
+  // depend on the stream) into a 4 MiB buffer (large blocks amortise the thread start-up),
+  // then the block is decoded serially.
+  const int64_t block =
+      num_threads_ > 1 ? std::max<int64_t>(1, std::min<int64_t>(n, (int64_t{1} << 20) / k)) : 1;
   std::vector<uint32_t> freqs(static_cast<size_t>(block * k));
   for (int64_t b0 = 0; b0 < n; b0 += block) {
     int64_t b1 = std::min(n, b0 + block);
-    parallel_for(b1 - b0, num_threads_, k, [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r)
-        quantize_row(probs + (b0 + r) * k, k, precision_, freqs.data() + r * k, b0 + r);
-    });
+    if (block == 1) {
+      if (b1 < n) prefetch_row(probs + b1 * k, k);
+      quantize_row(probs + b0 * k, k, precision_, freqs.data(), b0);
+    } else {
+      parallel_for(b1 - b0, num_threads_, k, [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r)
+          quantize_row(probs + (b0 + r) * k, k, precision_, freqs.data() + r * k, b0 + r);
+      });
+    }
     for (int64_t r = b0; r < b1; ++r) {
       uint64_t& x = state_[count_ % lanes_];
       uint64_t slot = x & mask;

@@ -19,7 +19,7 @@ import numpy as np
 DEFAULT_PRECISION = 24
 MAX_PRECISION = 24
 INTERLEAVE_MIN_SYMBOLS = 1 << 16
-WIDE_LANES = 8
+INTERLEAVED_LANES = 2
 _LOW = 1 << 31
 
 
@@ -108,7 +108,7 @@ class RansEncoder:
         n, P = len(self._pairs), self.precision
         if n == 0:
             return b""
-        lanes = self.lanes or (WIDE_LANES if n >= INTERLEAVE_MIN_SYMBOLS else 1)
+        lanes = self.lanes or (INTERLEAVED_LANES if n >= INTERLEAVE_MIN_SYMBOLS else 1)
         state = [_LOW] * lanes
         words = []
         for j in range(n - 1, -1, -1):  # last symbol first: the decoder reads first to last
