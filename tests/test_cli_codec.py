@@ -76,6 +76,24 @@ def test_compress_decompress_subprocess(tmp_path, model_file):
     assert back.shape == (37, 50, 3) and back.dtype == np.uint8
 
 
+def test_compress_partial_stages_in_process(tmp_path, model_file, capsys):
+    src = tmp_path / "p.png"
+    Image.fromarray(_rgb(64, 96)).save(src)
+    sizes = []
+    for stages in ("2", "6"):
+        out = tmp_path / f"p{stages}.pqm"
+        args = ["compress", str(src), "-o", str(out), "--model", str(model_file)]
+        assert main([*args, "--stages", stages]) == 0
+        sizes.append(out.stat().st_size)
+        assert (
+            main(["decompress", str(out), "--model", str(model_file), "--original", str(src)]) == 0
+        )
+    assert sizes[0] < sizes[1]
+    assert "PSNR" in capsys.readouterr().out
+    assert main(["compress", str(src), "--model", str(model_file), "--stages", "9"]) == 1
+    assert "stages must be an int in [1, 6], got 9" in capsys.readouterr().err
+
+
 def test_cli_errors_exit_1_with_message(tmp_path, model_file, capsys):
     assert main(["compress", str(tmp_path / "nope.png"), "--model", str(model_file)]) == 1
     assert "pqmim compress: error: no such image file" in capsys.readouterr().err

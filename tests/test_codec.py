@@ -133,9 +133,12 @@ def test_header_mismatches(model):
     bad_check = fmt.pack(fmt.PqmHeader(**{**header.__dict__, "check": header.check ^ 1}), payload)
     with pytest.raises(ValueError, match="fail the .pqm code check"):
         model.decompress(bad_check)
-    stages = fmt.pack(fmt.PqmHeader(**{**header.__dict__, "stages_sent": 3}), payload)
-    with pytest.raises(ValueError, match="holds 3 stages; the model codes 6"):
+    stages = fmt.pack(fmt.PqmHeader(**{**header.__dict__, "stages_sent": 7}), payload)
+    with pytest.raises(ValueError, match="holds 7 stages; the model codes only 6"):
         model.decompress(stages)
+    fewer = fmt.pack(fmt.PqmHeader(**{**header.__dict__, "stages_sent": 3}), payload)
+    with pytest.raises(ValueError, match="corrupt .pqm payload|code check"):
+        model.decompress(fewer)  # payload holds more stages than the header says
 
 
 def test_probability_mismatch_is_detected(model):
@@ -149,3 +152,33 @@ def test_probability_mismatch_is_detected(model):
     drift.model_id = model.model_id  # pretend to be the same model
     with pytest.raises(ValueError, match="corrupt .pqm payload|code check"):
         drift.decompress(data)
+
+
+def test_partial_stages_are_smaller_and_keep_sent_codes(model):
+    """Hybrid mode (PQMIM.md §7): send the first stages, the decoder fills the rest."""
+    from pqmim_kernels.models.schedule import coding_order, stage_bounds
+
+    x = _image(96, 128, seed=4)
+    full = model.compress(x)
+    codes = model.encode_codes(x)[0]
+    h, w, m = codes.shape
+    order = coding_order(h, w)
+    cum = stage_bounds(h * w, TINY.stages)
+    sizes = []
+    for s in (1, 3, 5):
+        data = model.compress(x, stages=s)
+        assert fmt.unpack(data)[0].stages_sent == s
+        sizes.append(len(data))
+        got, _ = model.decompress_codes(data)
+        got = got[0].reshape(h * w, m)
+        sent = torch.from_numpy(order[: cum[s]].copy())
+        assert torch.equal(got[sent], codes.reshape(h * w, m)[sent])
+        again, _ = model.decompress_codes(data)
+        assert torch.equal(again[0].reshape(h * w, m), got)  # deterministic fill
+        assert model.decompress(data).shape == (1, 3, 96, 128)
+    assert sizes[0] < sizes[1] < sizes[2] < len(full)
+    assert fmt.unpack(model.compress(x, stages=TINY.stages)) == fmt.unpack(full)
+    with pytest.raises(ValueError, match=r"compress: stages must be an int in \[1, 6\], got 0"):
+        model.compress(x, stages=0)
+    with pytest.raises(ValueError, match=r"stages must be an int in \[1, 6\], got 7"):
+        model.compress(x, stages=7)

@@ -97,6 +97,12 @@ def register(subparsers) -> None:
     c.add_argument("input", help="image file (PNG, JPEG, ...)")
     c.add_argument("-o", "--output", help="output .pqm (default: input with suffix .pqm)")
     c.add_argument("--psnr", action="store_true", help="also decode and print the PSNR")
+    c.add_argument(
+        "--stages",
+        type=int,
+        default=None,
+        help="send only the first N coding stages; the decoder fills the rest (default: all)",
+    )
     _common(c)
     c.set_defaults(func=run_compress)
     d = subparsers.add_parser(
@@ -134,7 +140,7 @@ def run_compress(args) -> int:
     out = Path(args.output) if args.output else Path(args.input).with_suffix(".pqm")
     model = _load(args)
     t0 = time.perf_counter()
-    data = compress_image(img, model)
+    data = compress_image(img, model, stages=args.stages)
     dt = time.perf_counter() - t0
     out.write_bytes(data)
     h, w = img.shape[:2]

@@ -7,6 +7,7 @@ train ...`` with DistributedDataParallel.
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def _channels(text: str) -> tuple[int, ...]:
@@ -97,5 +98,6 @@ def run(args) -> int:
         progress=not args.no_progress,
     )
     model = train(cfg, model_config)
-    print(f"pqmim train: wrote {cfg.out}/model.pt (model id {model.model_id().hex()})")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"pqmim train: wrote {cfg.out}/model.pt (model id {model.model_id().hex()})")
     return 0

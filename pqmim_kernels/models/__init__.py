@@ -97,13 +97,21 @@ def _as_tensor(img: np.ndarray) -> torch.Tensor:
         raise TypeError(f"image must be uint8, got {img.dtype}")
     if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] < 1 or img.shape[1] < 1:
         raise ValueError(f"image must have shape (H, W, 3), got {img.shape}")
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255.0
+    img = np.ascontiguousarray(img)
+    if not img.flags.writeable:
+        img = img.copy()  # torch.from_numpy warns on read-only arrays (e.g. from Pillow)
+    return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0
 
 
-def compress_image(img: np.ndarray, model: PQMIM | None = None) -> bytes:
-    """uint8 (H, W, 3) RGB -> ``.pqm`` bytes (``model=None``: the bundled default, cached)."""
+def compress_image(
+    img: np.ndarray, model: PQMIM | None = None, *, stages: int | None = None
+) -> bytes:
+    """uint8 (H, W, 3) RGB -> ``.pqm`` bytes (``model=None``: the bundled default, cached).
+
+    ``stages``: send only the first N coding stages (default: all); see :meth:`PQMIM.compress`.
+    """
     x = _as_tensor(img)
-    return (model or _default_model()).compress(x)
+    return (model or _default_model()).compress(x, stages=stages)
 
 
 def decompress_image(data: bytes, model: PQMIM | None = None) -> np.ndarray:

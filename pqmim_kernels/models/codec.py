@@ -170,13 +170,22 @@ class PQMIM(nn.Module):
         return [(s, int(cum[s]), int(cum[s + 1])) for s in range(self.config.stages)]
 
     @torch.no_grad()
-    def compress(self, x: torch.Tensor) -> bytes:
-        """(1, 3, H, W) float in [0, 1] -> bytes of a ``.pqm`` file."""
+    def compress(self, x: torch.Tensor, stages: int | None = None) -> bytes:
+        """(1, 3, H, W) float in [0, 1] -> bytes of a ``.pqm`` file.
+
+        ``stages``: send only the first ``stages`` coding stages (default: all S). The decoder
+        fills the tokens of the missing stages with the entropy model's most likely codes
+        (PQMIM.md §7, hybrid compression/generation): fewer bytes, lower fidelity.
+        """
         from pqmim_kernels.coding import RansEncoder
 
         _check_image(x)
         if x.shape[0] != 1:
             raise ValueError(f"compress: x must hold one image (1, 3, H, W), got {tuple(x.shape)}")
+        total = self.config.stages
+        stages = total if stages is None else stages
+        if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= total:
+            raise ValueError(f"compress: stages must be an int in [1, {total}], got {stages!r}")
         height, width = int(x.shape[2]), int(x.shape[3])
         if max(height, width) > pqm_format.MAX_DIM:
             raise ValueError(f"compress: image side must be <= {pqm_format.MAX_DIM} px")
@@ -185,7 +194,11 @@ class PQMIM(nn.Module):
         order = coding_order(h, w)
         flat = codes.reshape(h * w, m)
         enc = RansEncoder()
-        for _, lo, hi in self._stages(h * w):
+        sent = 0
+        for s, lo, hi in self._stages(h * w):
+            if s >= stages:
+                break
+            sent = hi
             if hi == lo:
                 continue
             cdfs = self._stage_cdfs(flat, order, lo, hi, (h, w))
@@ -195,8 +208,8 @@ class PQMIM(nn.Module):
             model_id=self.model_id(),
             height=height,
             width=width,
-            stages_sent=self.config.stages,
-            check=pqm_format.code_check(flat.cpu().numpy()[order]),
+            stages_sent=stages,
+            check=pqm_format.code_check(flat.cpu().numpy()[order[:sent]]),
         )
         return pqm_format.pack(header, enc.finish())
 
@@ -216,9 +229,9 @@ class PQMIM(nn.Module):
                 f"this .pqm file was made by model {header.model_id.hex()}, not by the loaded "
                 f"model {mine.hex()} (load the model that wrote it)"
             )
-        if header.stages_sent != self.config.stages:
+        if header.stages_sent > self.config.stages:
             raise ValueError(
-                f"this .pqm file holds {header.stages_sent} stages; the model codes "
+                f"this .pqm file holds {header.stages_sent} stages; the model codes only "
                 f"{self.config.stages}"
             )
         h = -(-header.height // DOWNSAMPLING)
@@ -226,24 +239,35 @@ class PQMIM(nn.Module):
         m = self.config.num_subspaces
         order = coding_order(h, w)
         flat = torch.zeros(h * w, m, dtype=torch.int64, device=self._device())
+        stages = self._stages(h * w)
+        sent = stages[header.stages_sent - 1][2]
         try:
             dec = RansDecoder(payload)
-            for _, lo, hi in self._stages(h * w):
+            for _, lo, hi in stages[: header.stages_sent]:
                 if hi == lo:
                     continue
                 cdfs = self._stage_cdfs(flat, order, lo, hi, (h, w))
                 sym = np.asarray(dec.decode_cdfs(cdfs), dtype=np.int64).reshape(hi - lo, m)
-                flat[torch.from_numpy(order[lo:hi].copy()).to(flat.device)] = torch.from_numpy(
-                    sym
-                ).to(flat.device)
+                pos = torch.from_numpy(order[lo:hi].copy()).to(flat.device)
+                flat[pos] = torch.from_numpy(sym).to(flat.device)
             dec.finish()
         except (ValueError, RuntimeError, IndexError, OverflowError) as exc:
             raise ValueError(f"corrupt .pqm payload: {exc}") from exc
-        if pqm_format.code_check(flat.cpu().numpy()[order]) != header.check:
+        if pqm_format.code_check(flat.cpu().numpy()[order[:sent]]) != header.check:
             raise ValueError(
                 "decoded codes fail the .pqm code check: the file is corrupt, or it was encoded "
                 "on a device/backend whose entropy-model probabilities differ from this one"
             )
+        # Stages not sent: fill stage by stage with the most likely codes given everything
+        # known so far (greedy, deterministic; same schedule as coding).
+        for _, lo, hi in stages[header.stages_sent :]:
+            if hi == lo:
+                continue
+            idx = torch.from_numpy(order[:hi].copy()).to(flat.device)
+            logits = self.entropy_model(
+                flat[idx][None], idx[None], torch.tensor([lo], device=flat.device), (h, w), hi - lo
+            )
+            flat[idx[lo:]] = logits[0].argmax(dim=-1)
         return flat.view(1, h, w, m), (header.height, header.width)
 
     @torch.no_grad()
