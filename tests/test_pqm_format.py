@@ -72,7 +72,7 @@ def test_unpack_errors():
     bad_version[2] = (7 << 4) | (bad_version[2] & 0xF)
     with pytest.raises(ValueError, match="unsupported .pqm format version 7"):
         fmt.unpack(bytes(bad_version))
-    zero_h = fmt.MAGIC + bytes([0x19]) + b"\x12\x34" + b"\x00\x05" + b"\0\0"
+    zero_h = fmt.MAGIC + bytes([0x29]) + b"\x12\x34" + b"\x00\x05" + b"\0\0"
     with pytest.raises(ValueError, match=r"image height 0 out of range"):
         fmt.unpack(zero_h)
 
@@ -89,3 +89,21 @@ def test_code_check_sensitivity():
     import zlib
 
     assert c == zlib.crc32(codes.astype("<u2").tobytes()) & 0xFFFF
+
+
+def test_check_covers_the_header_bytes():
+    import zlib
+
+    h = _header(check=0)
+    ctx = fmt.check_context(h)
+    packed = fmt.pack(h, b"payload")
+    assert packed.startswith(ctx) and len(ctx) == len(packed) - 2 - len(b"payload")
+    assert ctx[2] >> 4 == fmt.FORMAT_VERSION == 2
+    codes = np.arange(24, dtype=np.int64).reshape(4, 6)
+    want = zlib.crc32(ctx + codes.astype("<u2").tobytes()) & 0xFFFF
+    assert fmt.code_check(codes, ctx) == want
+    # every header field changes the check, for the same codes
+    for kw in ({"width": 767}, {"height": 511}, {"stages_sent": 9}, {"model_id": b"\x12\x35"}):
+        assert fmt.code_check(codes, fmt.check_context(_header(**kw))) != want, kw
+    with pytest.raises(ValueError, match="model_id must be 2 bytes"):
+        fmt.check_context(_header(model_id=b"x"))

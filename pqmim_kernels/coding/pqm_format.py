@@ -9,8 +9,11 @@ the written spec is ``docs/PQM_FORMAT.md``::
     3       2     model id: first 2 bytes of the model's sha256 fingerprint
     5       1-5   varint height  (pixels, >= 1)
     .       1-5   varint width   (pixels, >= 1)
-    .       2     code check: CRC-32 of the coded token codes, low 16 bits
+    .       2     check: CRC-32 of the header bytes before it + the coded token codes, low 16 bits
     .       ...   rANS payload (rest of the file)
+
+The check covers the header fields too (format version 2): a flipped bit in the image size that
+leaves the token grid unchanged would otherwise decode to a silently wrong-sized image.
 
 A 768×512 image has an 11-byte header. Every parse error is a ``ValueError`` whose message says
 what is wrong; nothing here can crash the process on hostile input.
@@ -28,6 +31,7 @@ __all__ = [
     "MAGIC",
     "MAX_DIM",
     "PqmHeader",
+    "check_context",
     "code_check",
     "pack",
     "read_varint",
@@ -36,7 +40,7 @@ __all__ = [
 ]
 
 MAGIC = b"\xb5Q"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the check also covers the header fields
 MAX_DIM = 1 << 20  # 1 Mpx per side: far beyond any real use, keeps allocations bounded
 _MAX_VARINT_BYTES = 5
 
@@ -87,15 +91,33 @@ def read_varint(data: bytes, pos: int) -> tuple[int, int]:
     raise ValueError("corrupt .pqm file: varint longer than 5 bytes in header")
 
 
-def code_check(codes) -> int:
-    """16-bit check over token codes: low 16 bits of the CRC-32 of the codes as little-endian
-    uint16 in the given order. ``codes``: integer array (any shape, values < 65536)."""
+def code_check(codes, context: bytes = b"") -> int:
+    """16-bit check: low 16 bits of the CRC-32 of ``context`` followed by the codes as
+    little-endian uint16 in the given order.
+
+    ``codes``: integer array (any shape, values < 65536). ``context``: the header bytes the check
+    also covers (:func:`check_context`; empty for a check over the codes alone).
+    """
     arr = np.ascontiguousarray(np.asarray(codes), dtype="<u2")
-    return zlib.crc32(arr.tobytes()) & 0xFFFF
+    return zlib.crc32(arr.tobytes(), zlib.crc32(bytes(context))) & 0xFFFF
 
 
-def pack(header: PqmHeader, payload: bytes) -> bytes:
-    """Serialise ``header`` and the rANS ``payload`` into the bytes of a ``.pqm`` file."""
+def check_context(header: PqmHeader) -> bytes:
+    """The header bytes the check covers: everything before the check field (magic, version and
+    stages, model id, height, width), as :func:`pack` writes them. ``header.check`` is ignored."""
+    _check_fields(header)
+    return b"".join(
+        (
+            MAGIC,
+            bytes([(FORMAT_VERSION << 4) | (header.stages_sent - 1)]),
+            bytes(header.model_id),
+            write_varint(header.height),
+            write_varint(header.width),
+        )
+    )
+
+
+def _check_fields(header: PqmHeader) -> None:
     if not isinstance(header.model_id, (bytes, bytearray)) or len(header.model_id) != 2:
         raise ValueError(f"pqm header: model_id must be 2 bytes, got {header.model_id!r}")
     if not 1 <= header.stages_sent <= 16:
@@ -104,21 +126,16 @@ def pack(header: PqmHeader, payload: bytes) -> bytes:
         v = getattr(header, name)
         if not 1 <= v <= MAX_DIM:
             raise ValueError(f"pqm header: {name} must be in [1, {MAX_DIM}], got {v}")
+
+
+def pack(header: PqmHeader, payload: bytes) -> bytes:
+    """Serialise ``header`` and the rANS ``payload`` into the bytes of a ``.pqm`` file."""
+    _check_fields(header)
     if not 0 <= header.check <= 0xFFFF:
         raise ValueError(f"pqm header: check must fit 16 bits, got {header.check}")
     if not isinstance(payload, (bytes, bytearray)):
         raise TypeError(f"pqm payload must be bytes, got {type(payload).__name__}")
-    return b"".join(
-        (
-            MAGIC,
-            bytes([(FORMAT_VERSION << 4) | (header.stages_sent - 1)]),
-            bytes(header.model_id),
-            write_varint(header.height),
-            write_varint(header.width),
-            header.check.to_bytes(2, "little"),
-            bytes(payload),
-        )
-    )
+    return b"".join((check_context(header), header.check.to_bytes(2, "little"), bytes(payload)))
 
 
 def unpack(data: bytes) -> tuple[PqmHeader, bytes]:

@@ -14,6 +14,7 @@ turns any remaining mismatch (other model, other device, corrupt payload) into a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 
@@ -204,14 +205,11 @@ class PQMIM(nn.Module):
             cdfs = self._stage_cdfs(flat, order, lo, hi, (h, w))
             symbols = flat[torch.from_numpy(order[lo:hi].copy()).to(flat.device)].reshape(-1)
             enc.encode_cdfs(symbols.cpu().numpy().astype(np.int64), cdfs)
-        header = pqm_format.PqmHeader(
-            model_id=self.model_id(),
-            height=height,
-            width=width,
-            stages_sent=stages,
-            check=pqm_format.code_check(flat.cpu().numpy()[order[:sent]]),
+        header = pqm_format.PqmHeader(self.model_id(), height, width, stages, check=0)
+        check = pqm_format.code_check(
+            flat.cpu().numpy()[order[:sent]], pqm_format.check_context(header)
         )
-        return pqm_format.pack(header, enc.finish())
+        return pqm_format.pack(dataclasses.replace(header, check=check), enc.finish())
 
     @torch.no_grad()
     def decompress_codes(self, data: bytes) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -253,10 +251,12 @@ class PQMIM(nn.Module):
             dec.finish()
         except (ValueError, RuntimeError, IndexError, OverflowError) as exc:
             raise ValueError(f"corrupt .pqm payload: {exc}") from exc
-        if pqm_format.code_check(flat.cpu().numpy()[order[:sent]]) != header.check:
+        context = pqm_format.check_context(header)
+        if pqm_format.code_check(flat.cpu().numpy()[order[:sent]], context) != header.check:
             raise ValueError(
-                "decoded codes fail the .pqm code check: the file is corrupt, or it was encoded "
-                "on a device/backend whose entropy-model probabilities differ from this one"
+                "decoded codes fail the .pqm code check: the file (header or payload) is corrupt, "
+                "or it was encoded on a device/backend whose entropy-model probabilities differ "
+                "from this one"
             )
         # Stages not sent: fill stage by stage with the most likely codes given everything
         # known so far (greedy, deterministic; same schedule as coding).
