@@ -58,12 +58,13 @@ def _run(*args):
 def test_compress_decompress_subprocess(tmp_path, model_file):
     src = tmp_path / "in.png"
     Image.fromarray(_rgb(37, 50)).save(src)
-    r = _run("compress", src, "--model", model_file, "--psnr")
+    r = _run("compress", src, "--model", model_file)
     assert r.returncode == 0, r.stderr
     pqm = tmp_path / "in.pqm"
     size = pqm.stat().st_size
     m = re.search(
-        r"\(50x37\) -> .*in\.pqm: (\d+) bytes, ([\d.]+) bpp, encode [\d.]+ s, PSNR", r.stdout
+        r"\(50x37\) -> .*in\.pqm: (\d+) bytes, ([\d.]+) bpp, encode [\d.]+ s, PSNR ([\d.]+) dB",
+        r.stdout,
     )
     assert m, r.stdout
     assert int(m.group(1)) == size
@@ -71,7 +72,12 @@ def test_compress_decompress_subprocess(tmp_path, model_file):
     out = tmp_path / "back.png"
     r = _run("decompress", pqm, "-o", out, "--model", model_file, "--original", src)
     assert r.returncode == 0, r.stderr
-    assert re.search(r"\(50x37\): \d+ bytes, [\d.]+ bpp, decode [\d.]+ s, PSNR [\d.]+ dB", r.stdout)
+    d = re.search(
+        r"\(50x37\): (\d+) bytes, [\d.]+ bpp, decode [\d.]+ s, PSNR ([\d.]+) dB", r.stdout
+    )
+    assert d, r.stdout
+    # compress predicts the PSNR of what decompress really returns
+    assert int(d.group(1)) == size and d.group(2) == m.group(3)
     back = np.asarray(Image.open(out))
     assert back.shape == (37, 50, 3) and back.dtype == np.uint8
 
@@ -135,11 +141,42 @@ def test_read_image_modes(tmp_path):
         cli_codec.read_image(tmp_path / "t.png")
     Image.fromarray(rgb).save(tmp_path / "j.jpg", quality=95)
     assert cli_codec.read_image(tmp_path / "j.jpg").shape == (9, 7, 3)
+    # EXIF orientation 6 (rotate 90 degrees clockwise to display): applied
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "rot.png", exif=exif)
+    assert np.array_equal(cli_codec.read_image(tmp_path / "rot.png"), np.rot90(rgb, -1))
+    # 16-bit RGB PNG (Pillow reduces it to 8 bits): read as RGB of the right size
+    rgb16 = rgb.astype(">u2") * 257
+    _write_png16_rgb(tmp_path / "c16.png", rgb16)
+    assert np.array_equal(cli_codec.read_image(tmp_path / "c16.png"), rgb)
+    # palette with a transparent index: refused like any alpha; opaque palette: RGB
+    Image.fromarray(rgb).quantize(8).save(tmp_path / "pal.png")
+    assert cli_codec.read_image(tmp_path / "pal.png").shape == (9, 7, 3)
+    Image.fromarray(rgb).quantize(8).save(tmp_path / "palt.png", transparency=0)
+    with pytest.raises(ValueError, match="transparent pixels"):
+        cli_codec.read_image(tmp_path / "palt.png")
     Image.fromarray(grey.astype(np.float32), "F").save(tmp_path / "f.tif")
     with pytest.raises(ValueError, match="unsupported pixel format 'F'"):
         cli_codec.read_image(tmp_path / "f.tif")
     with pytest.raises(ValueError, match="unsupported suffix '.gif'"):
         cli_codec.write_image(tmp_path / "x.gif", rgb)
+
+
+def _write_png16_rgb(path, arr):
+    """A 16-bit RGB PNG written by hand (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    h, w, _ = arr.shape
+    raw = b"".join(b"\0" + arr[i].astype(">u2").tobytes() for i in range(h))
+
+    def chunk(tag, body):
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+    path.write_bytes(png + chunk(b"IEND", b""))
 
 
 def test_psnr():

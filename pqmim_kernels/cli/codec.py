@@ -1,13 +1,18 @@
 """``pqmim compress`` and ``pqmim decompress``: image files <-> ``.pqm`` files.
 
-Input images: PNG or JPEG (anything Pillow opens), 8-bit RGB; grey is expanded to RGB, 16-bit
-samples are rounded to 8 bits, an alpha channel is dropped when fully opaque and refused
-otherwise (PQ-MIM codes RGB only). Any size: the codec pads to multiples of 16 by edge
-replication and crops after decoding.
+Input images: PNG or JPEG (anything Pillow opens), 8-bit RGB; grey is expanded to RGB; 16-bit
+grey is rounded to 8 bits and 16-bit RGB is reduced to 8 bits by Pillow (high byte); palette
+images are expanded; the EXIF orientation of a photo is applied; an alpha channel is dropped
+when fully opaque and refused otherwise (PQ-MIM codes RGB only). Any size: the codec pads to
+multiples of 16 by edge replication and crops after decoding.
+
+Both commands print the file size, bits per pixel of the whole file, the time, and the PSNR
+whenever the original is known (always for ``compress``; ``decompress --original FILE``).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from pathlib import Path
@@ -25,7 +30,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for an unreadable file,
     a transparent alpha channel or an unsupported pixel format.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
@@ -33,7 +38,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            return _to_rgb8(im, path)
+            return _to_rgb8(ImageOps.exif_transpose(im), path)
     except UnidentifiedImageError as exc:
         raise ValueError(f"{path}: not an image Pillow can read") from exc
     except OSError as exc:
@@ -96,7 +101,8 @@ def register(subparsers) -> None:
     )
     c.add_argument("input", help="image file (PNG, JPEG, ...)")
     c.add_argument("-o", "--output", help="output .pqm (default: input with suffix .pqm)")
-    c.add_argument("--psnr", action="store_true", help="also decode and print the PSNR")
+    # PSNR is always printed now; --psnr is still accepted so older scripts run
+    c.add_argument("--psnr", action="store_true", help=argparse.SUPPRESS)
     c.add_argument(
         "--stages",
         type=int,
@@ -144,14 +150,26 @@ def run_compress(args) -> int:
     dt = time.perf_counter() - t0
     out.write_bytes(data)
     h, w = img.shape[:2]
-    msg = (
+    if args.stages is None or args.stages == model.config.stages:
+        # Decoding is bit-exact in the codes, so the decoder's image is the conv decoder applied
+        # to the encoder's codes: no entropy decoding needed for the PSNR.
+        recon = _reconstruct(img, model)
+    else:  # the receiver fills the unsent stages: decode the file as it would
+        recon = decompress_image(data, model)
+    print(
         f"{args.input} ({w}x{h}) -> {out}: {len(data)} bytes, "
-        f"{8 * len(data) / (h * w):.4f} bpp, encode {dt:.3f} s"
+        f"{8 * len(data) / (h * w):.4f} bpp, encode {dt:.3f} s, PSNR {psnr(img, recon):.2f} dB"
     )
-    if args.psnr:
-        msg += f", PSNR {psnr(img, decompress_image(data, model)):.2f} dB"
-    print(msg)
     return 0
+
+
+def _reconstruct(img: np.ndarray, model) -> np.ndarray:
+    """uint8 (H, W, 3) -> what ``pqmim decompress`` returns for its full-stage file (uint8)."""
+    import torch
+
+    x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float().div(255.0)
+    y = model.decode_codes(model.encode_codes(x.to(model._device())), img.shape[:2])
+    return (y[0].permute(1, 2, 0).cpu() * 255.0).round().to(torch.uint8).numpy()
 
 
 def run_decompress(args) -> int:
