@@ -1,34 +1,44 @@
 """Masked attention benchmarks: ours vs eager, masked SDPA, FlexAttention and gathered SDPA.
 
 Run: ``python -m pytest bench/bench_masked_attention.py --benchmark-only``
-(``--benchmark-json bench/results/masked_attention_<machine>.json`` to keep the numbers).
+(``--benchmark-json bench/results/masked_attention_<device>-<machine>.json`` to keep the numbers).
 
 The mask is the MIM entropy model's: tokens ordered "known first", a fraction ``known`` of the
-keys visible in every batch row (``key_lengths``), all queries computed. Providers, one
-``benchmark.group`` per (pass, dtype, Dh, L, known):
+keys visible in every batch row (``key_lengths``), all L queries computed. q, k, v are
+(B, H, L, Dh). Providers, one ``benchmark.group`` per (pass, dtype, Dh, L, known):
 
-- ``pqmim_triton``: ``masked_attention(..., key_lengths=...)``, Triton (CUDA only).
-- ``reference``: the eager spec in the input precision (``upcast=False``); skipped when its
-  (B, H, L, L) score matrix would exceed ``REF_MAX_SCORES`` elements.
+- ``pqmim``: ``masked_attention(..., key_lengths=...)`` with ``backend="auto"``: the Triton
+  flash kernels on CUDA; on the CPU the eager fallback (the fp32 reference forward with the
+  reference backward behind the same custom op), which is *not* a kernel and materialises the
+  (B, H, L, L) scores.
+- ``reference``: the eager spec in the input precision (``upcast=False``) differentiated by
+  autograd; skipped when its (B, H, L, L) score matrix would exceed ``REF_MAX_SCORES``
+  elements.
 - ``sdpa_masked``: ``scaled_dot_product_attention`` with the equivalent bool key mask
-  (which cannot use SDPA's flash backend).
-- ``flex``: ``flex_attention`` compiled, with a ``create_block_mask`` block mask (block mask
-  built outside the timed region).
-- ``sdpa_gathered``: SDPA with no mask on the keys gathered to the known ones (gather timed).
+  (B, 1, 1, L) (a mask rules out SDPA's flash backend).
+- ``flex``: ``flex_attention`` under ``torch.compile`` with a ``create_block_mask`` block mask
+  (built outside the timed region). CPU: forward only and opt-in (``PQMIM_BENCH_FLEX_CPU=1``):
+  each shape compiles for tens of seconds and torch 2.13 has no CPU backward for it.
+- ``sdpa_gathered``: SDPA with no mask on the keys gathered to the known ones (gather timed);
+  the lower bound any masked kernel is aiming at.
 
-Grid: on CUDA the issue's grid (fp16, Dh in {64, 128}, L in {256, 1024, 4096, 16384},
-B * L = 16384 tokens, H = 2048 / Dh, known in {1.0, 0.5, 0.1}, forward and forward+backward).
-Without CUDA a reduced CPU grid (fp32, B=1, H=4, Dh=64, L in {256, 1024}) of the CPU-capable
-providers; ``PQMIM_BENCH_ATTN_GRID=cpu|gpu`` overrides the choice. ``extra_info`` records the
-device, versions, shape and TFLOP/s counting only visible keys (forward 4·B·H·L·L_known·Dh,
-forward+backward 3.5x that).
+Grids (``PQMIM_BENCH_ATTN_GRID=gpu|cpu|tiny`` overrides the default, ``gpu`` when CUDA is
+present); known in {1.0, 0.5, 0.1} and both passes (``fwd``, ``fwd_bwd``) everywhere:
+
+- ``gpu``: the issue's grid, fp16, Dh in {64, 128}, L in {256, 1024, 4096, 16384}, B·L =
+  16,384 tokens and H = 2048 / Dh (so B·H·L·Dh is constant), 20 rounds after 5 warm-ups.
+- ``cpu``: fp32, B = 1, H = 4, Dh = 64, L in {256, 1024}, 5 rounds after 1 warm-up.
+- ``tiny``: fp32, B = 1, H = 2, Dh = 16, L = 64, 1 round (a smoke run of every code path).
+
+``extra_info``: device, versions, threads, shape, ``ms``, TFLOP/s counting only visible keys
+(forward 4·B·H·L·L_known·Dh, forward+backward 3.5x that), the nominal dense fp16 peak of the
+GPU when known, and the peak extra memory of one call in MiB (see ``bench/conftest.py``).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import platform
 
 import pytest
 import torch
@@ -39,8 +49,10 @@ from pqmim_kernels.reference.attention import masked_attention_reference
 
 CUDA = torch.cuda.is_available()
 GRID = os.environ.get("PQMIM_BENCH_ATTN_GRID", "gpu" if CUDA else "cpu")
+if GRID not in ("gpu", "cpu", "tiny"):
+    raise ValueError(f"PQMIM_BENCH_ATTN_GRID must be gpu, cpu or tiny, got {GRID!r}")
 DEVICE = "cuda" if CUDA and GRID == "gpu" else "cpu"
-REF_MAX_SCORES = 1 << 28
+REF_MAX_SCORES = 1 << 30 if DEVICE == "cuda" else 1 << 26
 
 if GRID == "gpu":
     DTYPE = torch.float16
@@ -50,13 +62,20 @@ if GRID == "gpu":
         for seqlen in (256, 1024, 4096, 16384)
     ]
     ROUNDS, WARMUP = 20, 5
-else:
+elif GRID == "cpu":
     DTYPE = torch.float32
     SHAPES = [(1, 4, seqlen, 64) for seqlen in (256, 1024)]
     ROUNDS, WARMUP = 5, 1
+else:
+    DTYPE = torch.float32
+    SHAPES = [(1, 2, 64, 16)]
+    ROUNDS, WARMUP = 1, 1
 KNOWN = (1.0, 0.5, 0.1)
 PASSES = ("fwd", "fwd_bwd")
-PROVIDERS = ("pqmim_triton", "reference", "sdpa_masked", "flex", "sdpa_gathered")
+PROVIDERS = ("pqmim", "reference", "sdpa_masked", "flex", "sdpa_gathered")
+
+# Nominal dense fp16/bf16 tensor-core peaks (TFLOP/s) from NVIDIA's datasheets, by name.
+_PEAKS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4))
 
 
 def _sync():
@@ -68,13 +87,24 @@ def _sync():
 def _flex():
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    # One compiled graph per (shape, grad mode): the issue's grid needs 32, more than dynamo's
+    # default recompile limit (8), past which it would silently fall back to eager flex.
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
     return torch.compile(flex_attention, dynamic=False), create_block_mask
 
 
-def _machine() -> str:
-    if DEVICE == "cuda":
-        return torch.cuda.get_device_name()
-    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, shared)"
+@functools.cache
+def _versions() -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = "not installed"
+    return out
 
 
 def _inputs(b, h, seqlen, dh, known, requires_grad):
@@ -92,8 +122,8 @@ def _inputs(b, h, seqlen, dh, known, requires_grad):
 
 def _forward_fn(provider, q, k, v, lengths, n_known):
     b, _, seqlen, _ = q.shape
-    if provider == "pqmim_triton":
-        return lambda: masked_attention(q, k, v, key_lengths=lengths, backend="triton")
+    if provider == "pqmim":
+        return lambda: masked_attention(q, k, v, key_lengths=lengths)
     if provider == "reference":
         return lambda: masked_attention_reference(q, k, v, key_lengths=lengths, upcast=False)
     if provider == "sdpa_masked":
@@ -113,19 +143,17 @@ def _forward_fn(provider, q, k, v, lengths, n_known):
 
         block_mask = create_block_mask(mask_mod, b, None, seqlen, seqlen, device=DEVICE)
         return lambda: flex_attention(q, k, v, block_mask=block_mask)
-    raise ValueError(provider)
+    raise ValueError(f"unknown provider {provider!r}")
 
 
 def _skip_reason(provider, pass_, b, h, seqlen):
-    if provider == "pqmim_triton" and DEVICE != "cuda":
-        return "Triton kernel needs CUDA (CPU runs it only in the slow interpreter)"
     if provider == "reference" and b * h * seqlen * seqlen > REF_MAX_SCORES:
-        return "eager score matrix too large"
+        return f"eager score matrix of {b * h * seqlen * seqlen:,} elements is over the budget"
     if provider == "flex" and DEVICE == "cpu":
         if pass_ == "fwd_bwd":
             return "FlexAttention has no CPU backward (torch 2.13)"
         if os.environ.get("PQMIM_BENCH_FLEX_CPU") != "1":
-            # Measured here: 0.5-24 s per forward call at L=256 (compiled CPU path, with
+            # Seen here: 0.5-24 s per forward call at L = 256 (compiled CPU path, with
             # recompilations), so it is opt-in.
             return "FlexAttention CPU forward is opt-in: PQMIM_BENCH_FLEX_CPU=1"
     return None
@@ -135,7 +163,9 @@ def _skip_reason(provider, pass_, b, h, seqlen):
 @pytest.mark.parametrize("known", KNOWN)
 @pytest.mark.parametrize(("b", "h", "seqlen", "dh"), SHAPES)
 @pytest.mark.parametrize("pass_", PASSES)
-def bench_masked_attention(benchmark, pass_, b, h, seqlen, dh, known, provider):
+def bench_masked_attention(
+    benchmark, peak_extra_bytes, machine_name, pass_, b, h, seqlen, dh, known, provider
+):
     reason = _skip_reason(provider, pass_, b, h, seqlen)
     if reason:
         pytest.skip(reason)
@@ -156,29 +186,28 @@ def bench_masked_attention(benchmark, pass_, b, h, seqlen, dh, known, provider):
                 fwd()
             _sync()
 
+    for _ in range(WARMUP):  # compilation, autotuning, caches
+        run()
+    peak = peak_extra_bytes(run, DEVICE)
     benchmark.group = (
         f"{pass_} {str(DTYPE).removeprefix('torch.')} Dh={dh} L={seqlen} known={known}"
     )
-    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
     flops = 4.0 * b * h * seqlen * n_known * dh * (3.5 if backward else 1.0)
     mean = benchmark.stats.stats.mean
+    name = machine_name(DEVICE)
+    nominal = next((p for key, p in _PEAKS if key in name), None) if DEVICE == "cuda" else None
     benchmark.extra_info.update(
-        device=_machine(),
-        torch=torch.__version__,
-        triton=_triton_version(),
+        device=name,
+        versions=_versions(),
+        torch_threads=torch.get_num_threads(),
         shape={"B": b, "H": h, "L": seqlen, "Dh": dh, "known_keys": n_known},
         dtype=str(DTYPE),
         pass_=pass_,
         provider=provider,
+        known=known,
+        ms=round(mean * 1e3, 4),
         tflops_visible=flops / mean / 1e12,
-        ms=mean * 1e3,
+        nominal_peak_tflops=nominal,
+        peak_extra_MiB=round(peak / 2**20, 1) if peak >= 0 else None,
     )
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:  # pragma: no cover
-        return "not installed"
