@@ -7,6 +7,7 @@ import json
 import struct
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -418,3 +419,87 @@ def test_merge_adds_codecs_to_an_earlier_run(image_dir, tmp_path):
         runner.evaluate(image_dir, ["webp"], progress=False, merge=tmp_path / "bad.json")
     with pytest.raises(ValueError, match="--merge: cannot read"):
         runner.evaluate(image_dir, ["webp"], progress=False, merge=tmp_path / "none.json")
+
+
+# ------------------------------------------------------------------------------ real PQ-MIM
+TINY_MODEL = Path(__file__).resolve().parent / "golden" / "tiny_model.pt"
+
+
+def test_pqmim_stage_settings():
+    from pqmim_kernels.evaluation.codecs import split_setting, stage_settings
+
+    assert split_setting("m.pt") == ("m.pt", None)
+    assert split_setting("runs/a@b/m.pt@4") == ("runs/a@b/m.pt", 4)
+    assert split_setting("user@host.pt") == ("user@host.pt", None)
+    with pytest.raises(ValueError, match=r"stages in 'm.pt@0' must be >= 1"):
+        split_setting("m.pt@0")
+    assert stage_settings(["a", "b"], [2, 6]) == ["a@2", "a@6", "b@2", "b@6"]
+    with pytest.raises(ValueError, match="--pqmim-stages: stage counts must be integers >= 1"):
+        stage_settings(["a"], [0])
+    codec = PQMIMCodec([f"{TINY_MODEL}@7"])
+    with pytest.raises(CodecUnavailable, match="asks for 7 stages; the model codes 6"):
+        codec.check_available()
+
+
+def test_model_loading_happens_before_the_timed_calls(image_dir):
+    """The first setting's encode time must not include loading the model."""
+    events = []
+
+    class Recording(FakePQMIM):
+        def load_model(self, name_or_path, device="cpu"):
+            events.append("load")
+            return super().load_model(name_or_path, device)
+
+        def compress_image(self, img, model=None):
+            events.append("compress")
+            return super().compress_image(img, model)
+
+    codec = PQMIMCodec(["coarse", "fine"], api=Recording())
+    records = runner.evaluate_image(image_dir / "im0.png", codec)
+    assert [r["setting"] for r in records] == ["coarse", "fine"]
+    # two loads, each followed by one untimed warm-up call, then the two timed encodes
+    assert events == ["load", "compress", "load", "compress", "compress", "compress"]
+
+
+def test_cli_merge_adds_real_pqmim_stage_sweep(image_dir, tmp_path, capsys):
+    """The lead's workflow: classical codecs first, then PQ-MIM merged into the same folder,
+    with a real (tiny) model, a stage sweep and two worker processes."""
+    from pqmim_kernels.models import compress_image, decompress_image, load_model
+
+    out = tmp_path / "kodak"
+    base = ["eval", str(image_dir), "--out", str(out), "--no-progress"]
+    classical = ["--codecs", "jpeg,ref:vtm", "--qualities", "jpeg=10,50,90", "--no-plot"]
+    assert main([*base, *classical]) == 0
+    first = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    rc = main(
+        [
+            *base, "--codecs", "pqmim", "--pqmim-models", str(TINY_MODEL),
+            "--pqmim-stages", "2,6", "--merge", str(out / "results.json"), "--workers", "2",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    assert "PQ-MIM (ours)" in capsys.readouterr().out
+    result = json.loads((out / "results.json").read_text())
+    assert list(result["codecs"]) == ["jpeg", "pqmim"]
+    assert list(result["references"]) == ["ref:vtm"]  # published curves of the first run stay
+    assert result["codecs"]["jpeg"]["points"] == first["codecs"]["jpeg"]["points"]
+    pq = result["codecs"]["pqmim"]
+    assert [p["setting"] for p in pq["points"]] == [f"{TINY_MODEL}@2", f"{TINY_MODEL}@6"]
+    assert pq["points"][0]["bpp"] < pq["points"][1]["bpp"]
+    # whole-file bpp and PSNR of the real codec, recomputed here
+    model = load_model(str(TINY_MODEL))
+    img = np.asarray(Image.open(image_dir / "im2.png"))
+    data = compress_image(img, model)
+    rec = next(
+        r
+        for r in result["per_image"]
+        if r["codec"] == "pqmim" and r["image"] == "im2.png" and r["setting"].endswith("@6")
+    )
+    assert rec["bytes"] == len(data) and rec["bpp"] == 8 * len(data) / (161 * 200)
+    assert rec["psnr"] == pytest.approx(psnr(img, decompress_image(data, model)), abs=1e-9)
+    assert "bd_rate_pct" in result["bd"]["pqmim"]
+    assert "Curves of jpeg come from" in (out / "results.md").read_text()
+    assert (out / "rd.png").is_file()
+    assert main([*base, "--codecs", "pqmim", "--pqmim-stages", "2,x"]) == 1
+    assert "--pqmim-stages: expected comma-separated integers, got '2,x'" in capsys.readouterr().err

@@ -60,6 +60,14 @@ def register(subparsers) -> None:
         help="PQ-MIM models to evaluate, one rate point each (default: the bundled model)",
     )
     p.add_argument(
+        "--pqmim-stages",
+        default=None,
+        metavar="N1,N2,...",
+        help="also sweep each PQ-MIM model over the number of coding stages sent (the decoder "
+        "fills the rest, PQMIM.md §7): setting MODEL@N; include the model's total S for the "
+        "full-quality point",
+    )
+    p.add_argument(
         "--merge",
         default=None,
         metavar="RESULTS.json",
@@ -81,6 +89,14 @@ def run(args: argparse.Namespace) -> int:
         models = [m.strip() for m in args.pqmim_models.split(",")]
         if any(not m for m in models):
             raise ValueError(f"--pqmim-models: empty entry in {args.pqmim_models!r}")
+    stages = None
+    if args.pqmim_stages:
+        try:
+            stages = [int(v) for v in args.pqmim_stages.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"--pqmim-stages: expected comma-separated integers, got {args.pqmim_stages!r}"
+            ) from None
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
 
@@ -99,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         log=log,
         merge=args.merge,
+        pqmim_stages=stages,
     )
     paths = runner.write_outputs(result, args.out, plot=not args.no_plot)
     print(runner.format_summary(result))

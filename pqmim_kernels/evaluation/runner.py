@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .bd import bd_psnr, bd_rate, interpolate_psnr
-from .codecs import Codec, CodecUnavailable, make_codec
+from .codecs import Codec, CodecUnavailable, PQMIMCodec, make_codec, stage_settings
 from .metrics import MS_SSIM_MIN_SIDE, ms_ssim, ms_ssim_db, psnr
 from .reference import reference_curve
 
@@ -112,8 +112,13 @@ def build_codecs(
     pqmim_models: Sequence[str] | None = None,
     pqmim_api: Any = None,
     log: Callable[[str], None] = print,
+    pqmim_stages: Sequence[int] | None = None,
 ) -> tuple[list[Codec], list[dict], dict[str, str]]:
     """Adapters for ``names`` (``ref:NAME`` entries become published curves).
+
+    PQ-MIM settings are models (``pqmim_models``, default the bundled one), one rate point each;
+    ``pqmim_stages`` turns every model into a sweep ``MODEL@N`` over the number of coding stages
+    sent (PQMIM.md §7).
 
     Returns ``(codecs, references, skipped)``; ``skipped`` maps a codec name to the reason it
     cannot run here (library missing, model not loadable), which is also passed to ``log``.
@@ -138,6 +143,8 @@ def build_codecs(
         if name == "pqmim":
             if pqmim_models:
                 settings = list(pqmim_models)
+            if pqmim_stages:
+                settings = stage_settings(settings or PQMIMCodec.default_settings, pqmim_stages)
             if pqmim_api is not None:
                 kwargs["api"] = pqmim_api
         elif name in qualities:
@@ -162,6 +169,7 @@ def evaluate_image(path: str | os.PathLike, codec: Codec) -> list[dict[str, Any]
     """
     img = load_rgb(path)
     h, w = img.shape[:2]
+    codec.prepare()  # model loading and first-call costs stay out of the timings
     records = []
     for setting in codec.settings:
         t0 = time.perf_counter()
@@ -530,8 +538,10 @@ def load_previous(
 ) -> tuple[list[RecordedCodec], list[dict], dict[str, Any]]:
     """Codecs, per-image records and provenance of an earlier ``results.json``.
 
-    Codecs named in ``exclude`` (re-run now) are dropped. Raises ``ValueError`` if the file is
-    not a ``pqmim eval`` result or was measured on other images than ``images``.
+    Codecs named in ``exclude`` (re-run now) are dropped; the earlier published reference
+    curves travel in ``provenance["references"]`` (the caller keeps them). Raises
+    ``ValueError`` if the file is not a ``pqmim eval`` result or was measured on other images
+    than ``images``.
     """
     try:
         old = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -554,6 +564,7 @@ def load_previous(
         "created": old["created"],
         "machine": old["machine"],
         "workers": old["workers"],
+        "references": list(old.get("references", {}).values()),
     }
     return codecs, records, provenance
 
@@ -572,6 +583,7 @@ def evaluate(
     progress: bool = True,
     log: Callable[[str], None] = print,
     merge: str | os.PathLike | None = None,
+    pqmim_stages: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Full evaluation; returns the result dict that :func:`write_outputs` serialises.
 
@@ -587,7 +599,9 @@ def evaluate(
         load_rgb(path)
     if merge is not None:  # a bad --merge file fails before the (long) run, not after it
         load_previous(merge, images, [])
-    codecs, refs, skipped = build_codecs(codec_names, qualities, pqmim_models, pqmim_api, log)
+    codecs, refs, skipped = build_codecs(
+        codec_names, qualities, pqmim_models, pqmim_api, log, pqmim_stages
+    )
     if not codecs and not refs:
         raise RuntimeError(
             "none of the requested codecs can run here: " + "; ".join(skipped.values())
@@ -603,6 +617,9 @@ def evaluate(
         )
         all_codecs = [*old_codecs, *codecs]
         records = [*old_records, *records]
+        # published curves of the earlier run stay (a ref:NAME given now replaces its namesake)
+        mine = {r["name"] for r in refs}
+        refs = [*(r for r in merged_from.pop("references") if r["name"] not in mine), *refs]
     result = summarize(records, all_codecs, refs, anchor=anchor, bd_method=bd_method)
     root = Path(images_dir)
     result.update(
@@ -631,8 +648,8 @@ def format_summary(result: dict[str, Any]) -> str:
     labels.update({k: v["label"] for k, v in result["references"].items()})
     for name, e in result["bd"].items():
         lines.append(
-            f"  {labels[name]:<36s} BD-rate {_fmt(e['bd_rate_pct'], '+7.1f')} %   "
-            f"BD-PSNR {_fmt(e['bd_psnr_db'], '+6.2f')} dB"
+            f"  {labels[name]:<36s} BD-rate {_fmt(e['bd_rate_pct'], '+7.1f', ' %'):>9s}   "
+            f"BD-PSNR {_fmt(e['bd_psnr_db'], '+6.2f', ' dB'):>9s}"
         )
     if result.get("bd_note"):
         lines.append("  " + result["bd_note"])
