@@ -41,6 +41,11 @@ int64_t cdf_k(const py::array& a, const char* name) {
 PYBIND11_MODULE(_rans, m) {
   m.doc() = "pqmim_kernels rANS coder core (use pqmim_kernels.coding, not this module)";
   m.attr("ABI_VERSION") = rc::kAbiVersion;
+#ifdef PQMIM_SOURCE_FINGERPRINT
+  m.attr("SOURCE_FINGERPRINT") = PQMIM_SOURCE_FINGERPRINT;
+#else
+  m.attr("SOURCE_FINGERPRINT") = "";
+#endif
   m.attr("DEFAULT_PRECISION") = rc::kDefaultPrecision;
   m.attr("MAX_PRECISION") = rc::kMaxPrecision;
   m.attr("INTERLEAVE_MIN_SYMBOLS") = rc::kInterleaveMinSymbols;

@@ -3,6 +3,7 @@ reference, quantiser spec, overhead vs. ideal, error messages and corrupted stre
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 
@@ -111,6 +112,9 @@ def test_quantize_dtypes_torch_and_threads():
         quantize_probs(p.astype(np.float16).astype(np.float32)),
     )
     np.testing.assert_array_equal(quantize_probs(torch.from_numpy(p)), c)
+    np.testing.assert_array_equal(
+        quantize_probs(torch.from_numpy(p).half()), quantize_probs(p.astype(np.float16))
+    )
     np.testing.assert_array_equal(quantize_probs(p, num_threads=2), c)
     bf = torch.from_numpy(p).bfloat16()
     np.testing.assert_array_equal(quantize_probs(bf), quantize_probs(bf.float().numpy()))
@@ -166,17 +170,64 @@ def roundtrip_all_forms(rng, symbols, probs, precision=None, lanes=None):
     return data
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def _chunks(n: int, cuts: list[float]) -> list[tuple[int, int]]:
+    """Splits [0, n) at the given fractions; empty chunks are kept (an empty call is legal)."""
+    b = sorted([0, n, *(int(c * n) for c in cuts)])
+    return list(zip(b[:-1], b[1:]))
+
+
+def _encode_chunk(enc, form: int, s, p, cdfs) -> None:
+    if form == 0:
+        enc.encode_probs(s, p)
+    elif form == 1:
+        enc.encode_cdfs(s, cdfs)
+    else:  # indexed: the chunk's rows as a table, addressed in reverse order
+        enc.encode_indexed(s, np.arange(len(s))[::-1].copy(), cdfs[::-1].copy())
+
+
+def _decode_chunk(dec, form: int, p, cdfs) -> np.ndarray:
+    if form == 0:
+        return dec.decode_probs(p)
+    if form == 1:
+        return dec.decode_cdfs(cdfs)
+    return dec.decode_indexed(np.arange(len(p))[::-1].copy(), cdfs[::-1].copy())
+
+
+def multi_call_roundtrip(symbols, probs, precision, enc_cuts, dec_cuts, forms):
+    """Encodes in several calls of mixed forms, decodes with a different split and forms,
+    and checks the stream equals the one-call stream (the split is invisible in the bytes)."""
+    n = len(symbols)
+    cdfs = quantize_probs(probs, precision)
+    enc = RansEncoder(precision)
+    for i, (lo, hi) in enumerate(_chunks(n, enc_cuts)):
+        _encode_chunk(enc, forms[i % len(forms)], symbols[lo:hi], probs[lo:hi], cdfs[lo:hi])
+    assert enc.pending == n
+    data = enc.finish()
+    assert data == encode_probs(symbols, probs, precision)
+    dec = RansDecoder(data, precision)
+    out = [
+        _decode_chunk(dec, forms[(i + 1) % len(forms)], probs[lo:hi], cdfs[lo:hi])
+        for i, (lo, hi) in enumerate(_chunks(n, dec_cuts))
+    ]
+    dec.finish()
+    np.testing.assert_array_equal(np.concatenate(out), symbols)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     logk=st.floats(1.0, 16.0),
-    logn=st.floats(0.0, 5.0),
+    logn=st.floats(0.0, np.log10(100_001)),
     kind=st.sampled_from(KINDS),
     seed=st.integers(0, 2**32 - 1),
     precision=st.sampled_from([None, 16, 20, 24]),
+    enc_cuts=st.lists(st.floats(0.0, 1.0), max_size=8),
+    dec_cuts=st.lists(st.floats(0.0, 1.0), max_size=8),
+    forms=st.lists(st.integers(0, 2), min_size=1, max_size=6),
 )
-def test_roundtrip_property(logk, logn, kind, seed, precision):
+def test_roundtrip_property(logk, logn, kind, seed, precision, enc_cuts, dec_cuts, forms):
     # K from 2 to 65,536 and N from 0 to 100,000, with N * K capped so the float input stays
-    # under ~4M values (the large-N cases use small K and vice versa).
+    # under ~4M values (the large-N cases use small K and vice versa). Each example codes the
+    # symbols in all three forms in one call each, then in many calls of mixed forms.
     k = max(2, min(65536, round(2**logk)))
     n = round(10**logn) - 1
     n = min(n, max(1, 4_000_000 // k))
@@ -188,6 +239,7 @@ def test_roundtrip_property(logk, logn, kind, seed, precision):
     if kind == "onehot" and n:  # also code symbols whose probability is exactly 0
         s[::3] = rng.integers(0, k, len(s[::3]))
     roundtrip_all_forms(rng, s, p, precision)
+    multi_call_roundtrip(s, p, precision, enc_cuts, dec_cuts, forms)
 
 
 @pytest.mark.parametrize("lanes", [1, 2, 4, 8])
@@ -272,6 +324,104 @@ def test_float16_probs_roundtrip():
     np.testing.assert_array_equal(decode_probs(data, p), s)
 
 
+def test_torch_cpu_tensors_are_used_without_copies():
+    """Contiguous CPU tensors of the native dtypes reach the extension as views of the
+    tensor's memory, and the extension refuses (instead of silently converting) anything
+    else, so the whole path is zero-copy; other layouts and dtypes are converted first."""
+    from pqmim_kernels.coding import rans as api
+
+    p = torch.rand(50, 30)
+    s = torch.randint(0, 30, (50,))
+    c = torch.from_numpy(quantize_probs(p))
+    assert np.shares_memory(api._probs(p), p.numpy())
+    assert np.shares_memory(api._int_vector(s, "symbols"), s.numpy())
+    assert np.shares_memory(api._cdfs(c, "cdfs", 24), c.numpy())
+    with pytest.raises(TypeError):  # noconvert: float64 is not copied behind our back ...
+        api._ext.quantize_probs(p.double().numpy(), 24, 1)
+    with pytest.raises(TypeError):  # ... and neither is a non-contiguous view
+        api._ext.quantize_probs(p.t().numpy(), 24, 1)
+    pt = torch.rand(30, 50).t()  # non-contiguous: converted, same result as a copy
+    assert not np.shares_memory(api._probs(pt), pt.numpy())
+    assert encode_probs(s.int(), pt) == encode_probs(s.numpy(), pt.contiguous().numpy())
+
+
+def _runs_without_the_gil(fn, calls: int = 40) -> bool:
+    """True if another Python thread gets to run while ``fn`` is executing.
+
+    With a huge switch interval the interpreter never takes the GIL from a running thread, so
+    the main thread (waiting in ``Thread.start``) can first run only when the worker releases
+    the GIL itself: inside ``fn`` (the flag is set then), or when the worker thread ends (flag
+    clear). The worker calls ``fn`` up to ``calls`` times so that the main thread, which the OS
+    may schedule late on a busy machine, has many chances to land inside a release."""
+    import threading
+
+    flag = {"in_fn": False, "seen": False, "error": None}
+
+    def work():
+        try:
+            for _ in range(calls):
+                flag["in_fn"] = True
+                fn()
+                flag["in_fn"] = False
+                if flag["seen"]:
+                    break
+        except BaseException as exc:  # re-raised in the calling thread
+            flag["in_fn"] = False
+            flag["error"] = exc
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)
+    try:
+        t = threading.Thread(target=work)
+        t.start()
+        flag["seen"] = flag["in_fn"]
+        t.join()
+    finally:
+        sys.setswitchinterval(old)
+    if flag["error"] is not None:
+        raise flag["error"]
+    return flag["seen"]
+
+
+def test_coding_releases_the_gil():
+    import time
+
+    from pqmim_kernels.coding import rans as api
+
+    # the probe itself: a GIL-holding busy loop is not seen, a sleeping call is
+    assert not _runs_without_the_gil(lambda: sum(range(100_000)))
+    assert _runs_without_the_gil(lambda: time.sleep(0.01))
+    # ... and neither is a C++ call that holds the GIL (the decoder copies its input first)
+    valid = b"\x00" + (1 << 31).to_bytes(8, "little") + bytes(4 * 10_000_000)
+    assert not _runs_without_the_gil(lambda: api._ext.Decoder(valid, 1, 1), calls=10)
+
+    rng = np.random.default_rng(12)
+    p = make_probs(rng, 20_000, 256, "softmax")
+    s = sample(rng, p)
+    cdfs = quantize_probs(p)
+    data = encode_probs(s, p)
+
+    def push():
+        api._ext.Encoder(24, 0, 1).push_probs(s, p)
+
+    table, ix = cdfs[:64], np.arange(len(s)) % 64
+    s_ix = np.minimum(s, 200)  # valid symbols for the table rows (every row covers K = 256)
+    big_s, big_ix = np.tile(s_ix, 25), np.tile(ix, 25)  # finish() of 500,000 symbols: ~ms
+    encoders = []
+    for _ in range(12):  # one full encoder per finish() call of the probe
+        encoders.append(api._ext.Encoder(24, 0, 1))
+        encoders[-1].push_indexed(big_s, big_ix, table)
+    enc_ix = RansEncoder()
+    enc_ix.encode_indexed(s_ix, ix, table)
+    data_ix = enc_ix.finish()
+    assert _runs_without_the_gil(lambda: api._ext.quantize_probs(p, 24, 1))
+    assert _runs_without_the_gil(push)
+    assert _runs_without_the_gil(lambda: encoders.pop().finish(), calls=len(encoders))
+    assert _runs_without_the_gil(lambda: api._ext.Decoder(data, 24, 1).pop_probs(p))
+    assert _runs_without_the_gil(lambda: api._ext.Decoder(data, 24, 1).pop_cdfs(cdfs))
+    assert _runs_without_the_gil(lambda: api._ext.Decoder(data_ix, 24, 1).pop_indexed(ix, table))
+
+
 # ----------------------------------------------------------------------------- reference
 
 
@@ -314,29 +464,68 @@ def test_empty_stream_is_empty_bytes():
 # ----------------------------------------------------------------------------- overhead
 
 
-@pytest.mark.parametrize("kind", ["softmax", "peaked"])
-def test_overhead_vs_ideal_k1024(kind):
-    """Quantisation at the default precision costs <= 0.01% over -sum log2 p, and the coder
-    adds nothing beyond its framing (header and final states, a few dozen bytes)."""
-    rng = np.random.default_rng(8)
-    n, k = 20_000, 1024
-    p = make_probs(rng, n, k, kind)
-    s = sample(rng, p)
+def _overhead_case(kind: str, n: int, k: int = 1024, rows: int = 64, seed: int = 8):
+    """`rows` distinct (K,) float32 distributions of a kind, n symbols each drawn from the row
+    named by a random index; returns rows, indexes, symbols and their float64 probabilities
+    (the ideal code length is -sum log2 q)."""
+    rng = np.random.default_rng(seed)
+    p = make_probs(rng, rows, k, kind)
     q = p.astype(np.float64)
     q /= q.sum(axis=1, keepdims=True)
-    ideal = -np.log2(q[np.arange(n), s]).sum()
-    cdfs = quantize_probs(p).astype(np.int64)
-    freq = cdfs[np.arange(n), s + 1] - cdfs[np.arange(n), s]
-    quantised = -np.log2(freq / 2.0**24).sum()
-    # the sampled symbols' cost is noisy; the expectation (KL) is the stable measure
-    f = np.diff(cdfs, axis=1) / 2.0**24
-    kl = (q * np.log2(q / f, where=q > 0, out=np.zeros_like(q))).sum()
-    entropy = -(q * np.log2(q, where=q > 0, out=np.zeros_like(q))).sum()
-    assert kl / entropy <= 1e-4, f"expected quantisation overhead {100 * kl / entropy:.5f}%"
-    data = encode_probs(s, p)
-    framing_bits = 8 * (1 + 8)  # header + one state (1 lane below 65,536 symbols)
-    assert 8 * len(data) <= quantised + framing_bits + 32
-    assert (8 * len(data) - ideal) / ideal <= 1e-4 + (framing_bits + 32) / ideal
+    ix = rng.integers(0, rows, n)
+    u = rng.random(n)
+    s = np.empty(n, np.int64)
+    for r in range(rows):  # inverse-CDF sampling, row by row
+        sel = ix == r
+        s[sel] = np.minimum(np.searchsorted(np.cumsum(q[r]), u[sel], side="right"), k - 1)
+    return p, q, ix, s
+
+
+def _kl_over_entropy(q: np.ndarray, cdfs: np.ndarray, precision: int) -> float:
+    """Expected quantisation overhead KL(q || f / 2^P) / H(q), averaged over the rows."""
+    f = np.diff(cdfs.astype(np.int64), axis=1) / 2.0**precision
+    logq = np.log2(q, where=q > 0, out=np.full_like(q, -np.inf))
+    kl = (q * (logq - np.log2(f)))[q > 0].sum()
+    entropy = -(q * logq)[q > 0].sum()
+    return kl / entropy
+
+
+@pytest.mark.parametrize("kind", ["softmax", "peaked"])
+def test_overhead_vs_ideal_k1024(kind):
+    """Issue goal: at K = 1024 and the default precision the size overhead vs. the ideal
+    -sum log2 p is at most 0.01%. Checked on 2^20 symbols (two interleaved lanes): the
+    quantisation part in expectation (KL) and on the sampled symbols, and the stream with
+    only its constant framing (header + two final states, 136 bits) set aside; for the
+    softmax rows (~7.3 bits/symbol) the whole stream, framing included, meets it too. The
+    peaked rows (~1.4 bits/symbol) show why the framing is set aside: it is a per-stream
+    constant, 0.007% of this stream's ideal size, not a rate."""
+    n = 1 << 20
+    p, q, ix, s = _overhead_case(kind, n)
+    ideal = -np.log2(q[ix, s]).sum()
+    table = quantize_probs(p)
+    assert _kl_over_entropy(q, table, coding.DEFAULT_PRECISION) <= 1e-4
+    enc = RansEncoder()
+    enc.encode_indexed(s, ix, table)  # the same bytes as encode_probs(s, p[ix])
+    data = enc.finish()
+    assert data[0] & 3 == 1  # 2 lanes
+    freq = np.diff(table.astype(np.int64), axis=1)[ix, s]
+    quantised = -np.log2(freq / 2.0**coding.DEFAULT_PRECISION).sum()
+    assert (quantised - ideal) / ideal <= 1e-4
+    framing_bits = 8 * (1 + 8 + 8)
+    assert 8 * len(data) <= quantised + framing_bits  # the coder itself loses nothing more
+    overhead = (8 * len(data) - framing_bits - ideal) / ideal
+    assert overhead <= 1e-4, f"stream overhead {100 * overhead:.5f}% vs ideal"
+    if kind == "softmax":
+        total = (8 * len(data) - ideal) / ideal
+        assert total <= 1e-4, f"stream overhead with framing {100 * total:.5f}% vs ideal"
+
+
+def test_overhead_check_is_sensitive_to_precision():
+    """The 0.01% goal needs the high default precision: at P = 16 the same K = 1024 rows
+    cost more than 0.01% in quantisation alone (so the check above can fail)."""
+    p, q, _, _ = _overhead_case("softmax", 0)
+    assert _kl_over_entropy(q, quantize_probs(p, 16), 16) > 1e-4
+    assert _kl_over_entropy(q, quantize_probs(p), coding.DEFAULT_PRECISION) < 1e-6
 
 
 # ----------------------------------------------------------------------------- errors
@@ -468,10 +657,13 @@ def _decode_outcome(data: bytes, probs: np.ndarray, n: int) -> str:
     return "silent"
 
 
-@pytest.mark.parametrize("lanes", [1, 8])
+@pytest.mark.parametrize("lanes", [1, 2, 8])
 def test_corruption_is_caught(lanes):
-    """Every truncation and every single-bit flip of these streams is caught (the final-state
-    check is ~31 bits per lane); random foreign bytes are caught too."""
+    """Which corruptions are caught, on streams of softmax rows: every truncation, every
+    single-bit flip (the final-state check is ~31 bits per lane), random foreign bytes, a
+    byte appended or prepended, two words swapped, decoding too few or too many symbols, and
+    another message's stream coded with other distributions. What cannot be caught is in
+    test_undetectable_flip_on_uniform_rows_is_documented."""
     rng = np.random.default_rng(10 + lanes)
     n, k = 120, 40
     p = make_probs(rng, n, k, "softmax")
@@ -491,20 +683,47 @@ def test_corruption_is_caught(lanes):
         assert _decode_outcome(foreign.tobytes(), p, n) == "caught", trial
     # an appended byte shifts the lane-0 state length: caught as well
     assert _decode_outcome(data + b"\0", p, n) == "caught"
+    assert _decode_outcome(b"\0" + data, p, n) == "caught"
+    fixed = 1 + 8 * (lanes - 1)  # header + lanes 1.. states; lane 0's state is 5..8 bytes
+    head = fixed + (8, 5, 6, 7)[(len(data) - fixed) % 4]
+    words = [data[i : i + 4] for i in range(head, len(data), 4)]
+    assert len(words) >= 2 and words[0] != words[1]
+    swapped = data[:head] + words[1] + words[0] + b"".join(words[2:])  # two words swapped
+    assert _decode_outcome(swapped, p, n) == "caught"
+    # the wrong number of symbols, and another message's stream (other distributions)
+    assert _decode_outcome(data, p, n - 1) == "caught"
+    assert _decode_outcome(data, np.concatenate([p, p[:1]]), n + 1) == "caught"
+    other = make_probs(rng, n, k, "softmax")
+    assert _decode_outcome(encode_probs(sample(rng, other), other), p, n) == "caught"
 
 
 # ----------------------------------------------------------------------------- import
 
 
-def test_stale_or_missing_extension_says_how_to_rebuild(monkeypatch):
+def test_stale_or_missing_extension_says_how_to_rebuild(monkeypatch, tmp_path):
     from pqmim_kernels.coding import _ext
 
+    real = importlib.import_module("pqmim_kernels._rans")
     monkeypatch.setitem(sys.modules, "pqmim_kernels._rans", types.ModuleType("stale"))
-    with pytest.raises(ImportError, match=r"is stale \(ABI version None.*pip install -e \."):
+    with pytest.raises(ImportError, match=r"is stale \(ABI version None.*pip install .*-e \."):
         _ext.load_extension()
     monkeypatch.setitem(sys.modules, "pqmim_kernels._rans", None)
-    with pytest.raises(ImportError, match=r"missing or broken.*pip install -e \."):
+    with pytest.raises(ImportError, match=r"missing or broken.*pip install .*-e \."):
         _ext.load_extension()
+
+    # Built from other sources than the checkout's (C++ edited, not rebuilt): refused.
+    monkeypatch.setitem(sys.modules, "pqmim_kernels._rans", real)
+    for name in _ext.FINGERPRINTED_SOURCES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes((_ext.Path(_ext.__file__).parents[2] / name).read_bytes())
+    assert _ext.load_extension(tmp_path) is real  # same sources: accepted
+    (tmp_path / "csrc/rans.cpp").write_bytes(
+        b"// edited\n" + (tmp_path / "csrc/rans.cpp").read_bytes()
+    )
+    with pytest.raises(ImportError, match=r"is stale: it was built from other versions of csrc"):
+        _ext.load_extension(tmp_path)
+    (tmp_path / "csrc/rans.cpp").unlink()  # no sources (an installed wheel): not checked
+    assert _ext.load_extension(tmp_path) is real
 
 
 def test_public_names():

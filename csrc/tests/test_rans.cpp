@@ -1,6 +1,7 @@
 // C++ unit tests for the rANS core: plain checks, no framework. Run under ctest, also with
 // AddressSanitizer + UBSan (-DPQMIM_SANITIZE=ON), which is what gives the corrupted-stream
 // tests their teeth: decoding garbage must throw Error or finish, never touch bad memory.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -159,6 +160,67 @@ void test_corrupted_streams(std::mt19937_64& rng) {
   CHECK(flips_caught * 10 >= flips * 6);
 }
 
+// The other two decode paths on damaged data: pop_indexed with enough symbols per table for
+// its bucket lookup table, and pop_probs (linear search over quantised rows).
+void test_corrupted_streams_indexed_and_probs(std::mt19937_64& rng) {
+  int64_t tried = 0, caught = 0;
+  for (int it = 0; it < 60; ++it) {
+    const int64_t tables = 1 + static_cast<int64_t>(rng() % 8), n = 3000;
+    Case c = random_case(rng, 0, 300);  // only for k, precision and lanes
+    const int64_t k = c.k;
+    const int precision = std::max(c.precision, 10);
+    std::vector<float> rows(static_cast<size_t>(tables * k));
+    std::uniform_real_distribution<float> u(0.0f, 1.0f);
+    for (auto& v : rows) v = u(rng) < 0.2f ? 0.0f : std::exp(4.0f * u(rng));
+    for (int64_t t = 0; t < tables; ++t) rows[static_cast<size_t>(t * k)] += 1.0f;
+    std::vector<int32_t> table(static_cast<size_t>(tables * (k + 1)));
+    rc::quantize_probs(rows.data(), tables, k, precision, table.data(), 1);
+    std::vector<int64_t> idx(n), sym(n), out(n);
+    std::vector<float> probs(static_cast<size_t>(n * k));
+    for (int64_t i = 0; i < n; ++i) {
+      idx[i] = static_cast<int64_t>(rng() % static_cast<uint64_t>(tables));
+      sym[i] = static_cast<int64_t>(rng() % static_cast<uint64_t>(k));
+      std::copy(rows.begin() + idx[i] * k, rows.begin() + (idx[i] + 1) * k,
+                probs.begin() + i * k);
+    }
+    rc::Encoder enc(precision, c.lanes);
+    enc.push_indexed(sym.data(), idx.data(), n, table.data(), tables, k);
+    std::vector<uint8_t> data = enc.finish();
+    for (int trial = 0; trial < 12; ++trial) {
+      std::vector<uint8_t> t = data;
+      int kind = trial % 3;
+      if (kind == 0) {
+        size_t bit = rng() % (8 * t.size());
+        t[bit / 8] ^= static_cast<uint8_t>(1u << (bit % 8));
+      } else if (kind == 1) {
+        t.resize(rng() % t.size());
+      } else {
+        for (size_t b = 1 + rng() % (t.size() - 1); b < t.size(); ++b)
+          t[b] = static_cast<uint8_t>(rng());
+      }
+      for (int form = 0; form < 2; ++form) {
+        ++tried;
+        caught += throws([&] {
+          rc::Decoder dec(t.data(), t.size(), precision);
+          if (form == 0)
+            dec.pop_indexed(idx.data(), n, table.data(), tables, k, out.data());
+          else
+            dec.pop_probs(probs.data(), n, k, out.data());
+          dec.finish();
+        });
+      }
+    }
+    rc::Decoder dec(data.data(), data.size(), precision);
+    dec.pop_indexed(idx.data(), n, table.data(), tables, k, out.data());
+    dec.finish();
+    CHECK(out == sym);
+  }
+  std::printf("indexed (lookup table) and probs decodes of damaged streams: %lld of %lld "
+              "caught, none crashed\n",
+              static_cast<long long>(caught), static_cast<long long>(tried));
+  CHECK(caught * 10 >= tried * 9);
+}
+
 void test_errors() {
   CHECK(throws([] { rc::Encoder e(0); }));
   CHECK(throws([] { rc::Encoder e(25); }));
@@ -202,6 +264,7 @@ int main() {
   test_quantizer_invariants(rng);
   test_roundtrips(rng);
   test_corrupted_streams(rng);
+  test_corrupted_streams_indexed_and_probs(rng);
   std::printf("test_rans: all checks passed\n");
   return 0;
 }
