@@ -152,6 +152,30 @@ def test_size_bit_flip_that_keeps_the_token_grid_is_caught(model):
             model.decompress(bad)
 
 
+def test_decompression_bomb_header_is_refused_before_any_work(model, monkeypatch):
+    """A header claiming 16384 x 16384 over a small real payload used to run minutes and GBs
+    before failing; now it is refused before the entropy model or the coding order is touched
+    (the limit can be lifted for trusted files)."""
+    from pqmim_kernels.models import codec as codec_module
+
+    header, payload = fmt.unpack(model.compress(_image(48, 64, seed=2)))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("decoder did work on an over-limit header")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(codec_module, "coding_order", no_work)
+        mp.setattr(model, "_stage_cdfs", no_work)
+        for h, w in ((16384, 16384), (1 << 20, 1 << 20), (8192, 4097)):
+            bomb = fmt.pack(fmt.PqmHeader(header.model_id, h, w, header.stages_sent, 0), payload)
+            with pytest.raises(ValueError, match=rf"claims a {w}x{h} image .* of 33554432 px"):
+                model.decompress(bomb)
+    assert codec_module.MAX_DECODE_PIXELS == 1 << 25
+    small = fmt.pack(fmt.PqmHeader(header.model_id, 48, 64, header.stages_sent, 0), payload)
+    with pytest.raises(ValueError, match="over the decoder's limit of 100 px"):
+        model.decompress_codes(small, max_pixels=100)
+
+
 def test_hundreds_of_random_corruptions_never_crash_or_lie():
     """400 seeded bit flips, byte overwrites, truncations and insertions of a file written by the
     stored tiny model: every one raises ValueError (none decodes to a different image, none

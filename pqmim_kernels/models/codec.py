@@ -29,7 +29,14 @@ from pqmim_kernels.models.mim import MIMEntropyModel, mim_bits
 from pqmim_kernels.models.pqvae import DOWNSAMPLING, Decoder, Encoder
 from pqmim_kernels.models.schedule import coding_order, stage_bounds
 
-__all__ = ["PQMIM", "pad_to_multiple"]
+__all__ = ["MAX_DECODE_PIXELS", "PQMIM", "pad_to_multiple"]
+
+# Decompression-bomb guard (as Pillow's MAX_IMAGE_PIXELS): a corrupt or crafted header can claim
+# any size up to 2^20 x 2^20, and the entropy model's first stages on such a grid take minutes
+# and tens of GB (measured: 16384 x 16384 claimed over a 484-byte payload ran 138 s before the
+# rANS stream ran dry; 65536 x 65536 reached 20 GB). 2^25 px (33.5 Mpx) is far beyond what the
+# CPU path decodes in memory anyway; pass max_pixels=None to lift it for a trusted file.
+MAX_DECODE_PIXELS = 1 << 25
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = DOWNSAMPLING) -> torch.Tensor:
@@ -212,15 +219,25 @@ class PQMIM(nn.Module):
         return pqm_format.pack(dataclasses.replace(header, check=check), enc.finish())
 
     @torch.no_grad()
-    def decompress_codes(self, data: bytes) -> tuple[torch.Tensor, tuple[int, int]]:
+    def decompress_codes(
+        self, data: bytes, max_pixels: int | None = MAX_DECODE_PIXELS
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Bytes of a ``.pqm`` file -> ``(codes (1, h, w, M) int64, (H, W))``.
 
         Raises ``ValueError`` for foreign, truncated or corrupt files, files made by another
-        model, and code-check mismatches (another device/backend whose probabilities differ).
+        model, code-check mismatches (another device/backend whose probabilities differ), and
+        headers claiming more than ``max_pixels`` pixels (``None``: no limit), checked before
+        any work so a corrupt size cannot cost minutes and gigabytes.
         """
         from pqmim_kernels.coding import RansDecoder
 
         header, payload = pqm_format.unpack(data)
+        if max_pixels is not None and header.height * header.width > max_pixels:
+            raise ValueError(
+                f"this .pqm file claims a {header.width}x{header.height} image "
+                f"({header.height * header.width} px), over the decoder's limit of {max_pixels} px "
+                "(a corrupt header, or pass max_pixels=None for a trusted file)"
+            )
         mine = self.model_id()
         if header.model_id != mine:
             raise ValueError(
@@ -271,10 +288,10 @@ class PQMIM(nn.Module):
         return flat.view(1, h, w, m), (header.height, header.width)
 
     @torch.no_grad()
-    def decompress(self, data: bytes) -> torch.Tensor:
+    def decompress(self, data: bytes, max_pixels: int | None = MAX_DECODE_PIXELS) -> torch.Tensor:
         """Bytes of a ``.pqm`` file -> image (1, 3, H, W) float32 in [0, 1] (on the model's
-        device). Errors as in :meth:`decompress_codes`."""
-        codes, size = self.decompress_codes(data)
+        device). Errors (and ``max_pixels``) as in :meth:`decompress_codes`."""
+        codes, size = self.decompress_codes(data, max_pixels)
         return self.decode_codes(codes, size)
 
     @torch.no_grad()
