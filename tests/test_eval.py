@@ -499,7 +499,15 @@ def test_cli_merge_adds_real_pqmim_stage_sweep(image_dir, tmp_path, capsys):
     assert rec["bytes"] == len(data) and rec["bpp"] == 8 * len(data) / (161 * 200)
     assert rec["psnr"] == pytest.approx(psnr(img, decompress_image(data, model)), abs=1e-9)
     assert "bd_rate_pct" in result["bd"]["pqmim"]
+    info = pq["params"][f"model {TINY_MODEL}"]
+    assert info["model_id"] == model.model_id().hex() and info["stages"] == 6
+    assert pq["params"]["device"] == "cpu"
     assert "Curves of jpeg come from" in (out / "results.md").read_text()
     assert (out / "rd.png").is_file()
     assert main([*base, "--codecs", "pqmim", "--pqmim-stages", "2,x"]) == 1
     assert "--pqmim-stages: expected comma-separated integers, got '2,x'" in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main([*base, "--codecs", "pqmim", "--device", "cuda"]) == 1
+        assert "--device cuda: CUDA is not available here" in capsys.readouterr().err

@@ -68,6 +68,11 @@ def register(subparsers) -> None:
         "full-quality point",
     )
     p.add_argument(
+        "--device",
+        default="cpu",
+        help="device for PQ-MIM: cpu | cuda | cuda:N (with cuda, use --workers 1)",
+    )
+    p.add_argument(
         "--merge",
         default=None,
         metavar="RESULTS.json",
@@ -97,6 +102,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--pqmim-stages: expected comma-separated integers, got {args.pqmim_stages!r}"
             ) from None
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {args.device}: CUDA is not available here")
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
 
@@ -116,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         log=log,
         merge=args.merge,
         pqmim_stages=stages,
+        pqmim_device=args.device,
     )
     paths = runner.write_outputs(result, args.out, plot=not args.no_plot)
     print(runner.format_summary(result))

@@ -434,7 +434,20 @@ class PQMIMCodec(Codec):
         return out
 
     def params(self) -> dict[str, Any]:
-        return {"device": self.device}
+        """Device, and for every loaded model its id and the configuration that sets its rate
+        (so a results file says exactly which weights produced the curve)."""
+        out: dict[str, Any] = {"device": self.device}
+        for name, model in self._models.items():
+            info: dict[str, Any] = {}
+            if callable(getattr(model, "model_id", None)):
+                info["model_id"] = model.model_id().hex()
+            cfg = getattr(model, "config", None)
+            for key in ("num_subspaces", "codebook_size", "stages", "raw_bpp"):
+                if hasattr(cfg, key):
+                    info[key] = getattr(cfg, key)
+            if info:
+                out[f"model {name}"] = info
+        return out
 
     def encode(self, img: np.ndarray, setting: Any) -> bytes:
         stages = split_setting(setting)[1]

@@ -113,6 +113,7 @@ def build_codecs(
     pqmim_api: Any = None,
     log: Callable[[str], None] = print,
     pqmim_stages: Sequence[int] | None = None,
+    pqmim_device: str = "cpu",
 ) -> tuple[list[Codec], list[dict], dict[str, str]]:
     """Adapters for ``names`` (``ref:NAME`` entries become published curves).
 
@@ -147,6 +148,7 @@ def build_codecs(
                 settings = stage_settings(settings or PQMIMCodec.default_settings, pqmim_stages)
             if pqmim_api is not None:
                 kwargs["api"] = pqmim_api
+            kwargs["device"] = pqmim_device
         elif name in qualities:
             settings = qualities[name]
         codec = make_codec(name, settings, **kwargs)
@@ -584,6 +586,7 @@ def evaluate(
     log: Callable[[str], None] = print,
     merge: str | os.PathLike | None = None,
     pqmim_stages: Sequence[int] | None = None,
+    pqmim_device: str = "cpu",
 ) -> dict[str, Any]:
     """Full evaluation; returns the result dict that :func:`write_outputs` serialises.
 
@@ -600,7 +603,7 @@ def evaluate(
     if merge is not None:  # a bad --merge file fails before the (long) run, not after it
         load_previous(merge, images, [])
     codecs, refs, skipped = build_codecs(
-        codec_names, qualities, pqmim_models, pqmim_api, log, pqmim_stages
+        codec_names, qualities, pqmim_models, pqmim_api, log, pqmim_stages, pqmim_device
     )
     if not codecs and not refs:
         raise RuntimeError(
