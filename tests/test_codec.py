@@ -171,6 +171,11 @@ def test_decompression_bomb_header_is_refused_before_any_work(model, monkeypatch
             with pytest.raises(ValueError, match=rf"claims a {w}x{h} image .* of 33554432 px"):
                 model.decompress(bomb)
     assert codec_module.MAX_DECODE_PIXELS == 1 << 25
+    # the encoder refuses what a default decoder would refuse
+    monkeypatch.setattr(codec_module, "MAX_DECODE_PIXELS", 16 * 20)
+    model.compress(_image(16, 20))
+    with pytest.raises(ValueError, match="compress: a 21x16 image is over the decoder's default"):
+        model.compress(_image(16, 21))
     small = fmt.pack(fmt.PqmHeader(header.model_id, 48, 64, header.stages_sent, 0), payload)
     with pytest.raises(ValueError, match="over the decoder's limit of 100 px"):
         model.decompress_codes(small, max_pixels=100)

@@ -197,6 +197,11 @@ class PQMIM(nn.Module):
         height, width = int(x.shape[2]), int(x.shape[3])
         if max(height, width) > pqm_format.MAX_DIM:
             raise ValueError(f"compress: image side must be <= {pqm_format.MAX_DIM} px")
+        if height * width > MAX_DECODE_PIXELS:
+            raise ValueError(
+                f"compress: a {width}x{height} image is over the decoder's default limit of "
+                f"{MAX_DECODE_PIXELS} px (MAX_DECODE_PIXELS); split it into tiles"
+            )
         codes = self.encode_codes(x.to(self._device()))[0]  # (h, w, M)
         h, w, m = codes.shape
         order = coding_order(h, w)
