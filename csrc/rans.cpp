@@ -153,11 +153,22 @@ PQMIM_CLONES RowScan scan_row(const float* p, int64_t k) {
   return {m, bad != 0 || !(m <= FLT_MAX)};
 }
 
-PQMIM_CLONES int64_t sum_weights(const float* p, int64_t k, float c1, float c2) {
+struct Weights {
+  int64_t total;  // sum of t_i
+  int32_t first;  // first index holding the row maximum m
+};
+
+// T = sum floor(p_i c1 c2) and the first index of m, in one vectorised pass (the index as a
+// min-reduction instead of an early-exit scan, which would be scalar).
+PQMIM_CLONES Weights sum_weights(const float* p, int32_t k, float c1, float c2, float m) {
   int64_t total = 0;
-  for (int64_t i = 0; i < k; ++i)
+  int32_t first = k;
+  for (int32_t i = 0; i < k; ++i) {
     total += static_cast<int32_t>(std::floor((p[i] * c1) * c2));  // < 2^24, exact in int32
-  return total;
+    int32_t cand = p[i] == m ? i : k;
+    first = cand < first ? cand : first;
+  }
+  return {total, first};
 }
 
 // f_i = max(1, floor(floor(p_i c1 c2) * s)) + bias; returns sum f_i.
@@ -182,21 +193,57 @@ static PQMIM_CLONES uint32_t sum_u32(const uint32_t* f, int64_t n) {
   return c;
 }
 
+// The symbol s whose interval [sum f[0..s), sum f[0..s]) holds `slot` (< sum f = 2^P, so s < k
+// for any slot); *start receives sum f[0..s). Whole blocks of 32 frequencies are skipped with
+// vectorised block sums; only the last block is scanned one symbol at a time.
+static PQMIM_CLONES int64_t find_slot(const uint32_t* f, int64_t k, uint32_t slot,
+                                      uint32_t* start) {
+  constexpr int64_t kBlock = 32;
+  uint32_t c = 0;
+  int64_t s = 0;
+  for (; s + kBlock <= k; s += kBlock) {
+    uint32_t b = 0;
+    for (int64_t j = 0; j < kBlock; ++j) b += f[s + j];
+    if (c + b > slot) break;
+    c += b;
+  }
+  while (c + f[s] <= slot) c += f[s++];
+  *start = c;
+  return s;
+}
+
+namespace {
+// 2^n as a float for n in [-126, 127] (normal range), exactly.
+inline float pow2f(int n) {
+  uint32_t b = static_cast<uint32_t>(n + 127) << 23;
+  float v;
+  std::memcpy(&v, &b, sizeof v);
+  return v;
+}
+}  // namespace
+
 void quantize_row(const float* p, int64_t k, int precision, uint32_t* f, int64_t row) {
   RowScan sc = scan_row(p, k);
   if (sc.bad) throw Error(row_msg("probs", row) + " contains NaN, infinite or negative values");
   const float m = sc.max;
   if (m == 0.0f) throw Error(row_msg("probs", row) + " sums to zero (all probabilities are 0)");
+  // e = frexp exponent of m, read from the bits for normal m (m > 0 here).
   int e = 0;
-  std::frexp(m, &e);
+  uint32_t mbits;
+  std::memcpy(&mbits, &m, sizeof mbits);
+  if (mbits >= 0x00800000u)
+    e = static_cast<int>(mbits >> 23) - 126;
+  else
+    std::frexp(m, &e);
   // 2^(24 - e) can exceed the float range for tiny m (e down to -148): split into two exact
-  // power-of-two factors; the first product is normal and exact, the second exact too.
+  // power-of-two factors (both normal: 2^-104 .. 2^127 and 1 .. 2^45); the first product is
+  // normal and exact, the second exact too.
   int sh = 24 - e;
-  float c1 = std::ldexp(1.0f, std::min(sh, 127));
-  float c2 = std::ldexp(1.0f, std::max(sh - 127, 0));
-  const int64_t total = sum_weights(p, k, c1, c2);
-  int64_t a = 0;
-  while (p[a] != m) ++a;
+  float c1 = pow2f(std::min(sh, 127));
+  float c2 = pow2f(std::max(sh - 127, 0));
+  const Weights w = sum_weights(p, static_cast<int32_t>(k), c1, c2, m);
+  const int64_t total = w.total;
+  const int64_t a = w.first;
   const int64_t M = int64_t{1} << precision;
   const float tf = static_cast<float>(total);
   int64_t d = M - make_freqs(p, k, c1, c2, static_cast<float>(M) / tf, 1, 0, f);
@@ -450,13 +497,12 @@ void Decoder::pop_probs(const float* probs, int64_t n, int64_t k, int64_t* out) 
       });
     }
     for (int64_t r = b0; r < b1; ++r) {
-      uint64_t& x = state_[count_ % lanes_];
+      uint64_t& x = state_[count_ & (lanes_ - 1)];
       uint64_t slot = x & mask;
       const uint32_t* f = freqs.data() + (r - b0) * k;
-      uint64_t c = 0;
-      int64_t s = 0;
-      while (c + f[s] <= slot) c += f[s++];  // f sums to 2^P > slot, so s stays < k
-      advance(x, slot, static_cast<uint32_t>(c), f[s], precision_);
+      uint32_t c = 0;
+      int64_t s = find_slot(f, k, static_cast<uint32_t>(slot), &c);
+      advance(x, slot, c, f[s], precision_);
       if (x < kLow) x = (x << 32) | read_word();
       out[r] = s;
       ++count_;
@@ -478,7 +524,7 @@ void Decoder::pop_cdfs(const int32_t* cdfs, int64_t n, int64_t k, int64_t* out) 
       __builtin_prefetch(a + 3 * k / 4);
     }
     const int32_t* c = cdfs + r * (k + 1);
-    uint64_t& x = state_[count_ % lanes_];
+    uint64_t& x = state_[count_ & (lanes_ - 1)];
     int64_t slot = static_cast<int64_t>(x & mask);
     // Largest s with c[s] <= slot, found in c[1..k) (valid rows have c[0] = 0 <= slot).
     int64_t s = std::upper_bound(c + 1, c + k, static_cast<int32_t>(slot)) - (c + 1);
@@ -523,7 +569,7 @@ void Decoder::pop_indexed(const int64_t* indexes, int64_t n, const int32_t* tabl
   }
   for (int64_t r = 0; r < n; ++r) {
     const int32_t* c = table + indexes[r] * (k + 1);
-    uint64_t& x = state_[count_ % lanes_];
+    uint64_t& x = state_[count_ & (lanes_ - 1)];
     int32_t slot = static_cast<int32_t>(x & mask);
     int64_t s;
     if (use_lut) {

@@ -107,7 +107,7 @@ class Decoder {
   std::vector<uint8_t> data_;
   size_t pos_ = 0;
   int precision_;
-  int lanes_ = 1;
+  int lanes_ = 1;  // 1, 2, 4 or 8: a power of two, so lane = count & (lanes - 1)
   int num_threads_;
   uint64_t state_[kMaxLanes] = {};
   int64_t count_ = 0;
