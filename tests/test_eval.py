@@ -502,7 +502,11 @@ def test_cli_merge_adds_real_pqmim_stage_sweep(image_dir, tmp_path, capsys):
     info = pq["params"][f"model {TINY_MODEL}"]
     assert info["model_id"] == model.model_id().hex() and info["stages"] == 6
     assert pq["params"]["device"] == "cpu"
-    assert "Curves of jpeg come from" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "Curves of jpeg come from" in md
+    assert f"model {TINY_MODEL} (model_id {model.model_id().hex()}, num_subspaces 2," in md
+    if result["bd"]["pqmim"]["bd_rate_pct"] is None:  # the markdown says why the cell is empty
+        assert "- PQ-MIM (ours): bd_rate_pct: " in md
     assert (out / "rd.png").is_file()
     assert main([*base, "--codecs", "pqmim", "--pqmim-stages", "2,x"]) == 1
     assert "--pqmim-stages: expected comma-separated integers, got '2,x'" in capsys.readouterr().err

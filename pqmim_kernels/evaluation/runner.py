@@ -436,9 +436,17 @@ def markdown_report(result: dict[str, Any]) -> str:
         )
     if result.get("bd_note"):
         lines += ["", f"_{result['bd_note']}_"]
+    notes = [(labels[n], note) for n, e in result["bd"].items() for note in e.get("notes", [])]
+    if notes:  # why a cell is empty (one-point curve, no overlap, ...)
+        lines += ["", *(f"- {label}: {note}" for label, note in notes)]
     lines += ["", "## Measured points", ""]
     for name, c in result["codecs"].items():
-        params = ", ".join(f"{k}={v}" for k, v in c["params"].items())
+        params = ", ".join(
+            f"{k} ({', '.join(f'{kk} {vv}' for kk, vv in v.items())})"
+            if isinstance(v, dict)
+            else f"{k}={v}"
+            for k, v in c["params"].items()
+        )
         versions = ", ".join(f"{k} {v}" for k, v in c["versions"].items())
         lines += [
             f"### {c['label']} (`{name}`)",
