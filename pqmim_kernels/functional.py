@@ -14,7 +14,6 @@ explicit ``"triton"`` that cannot run raises an error that says why.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -24,14 +23,20 @@ __all__ = ["BACKENDS", "resolve_backend", "triton_available"]
 BACKENDS = ("auto", "triton", "reference")
 
 
-@functools.cache
+_TRITON_IMPORTABLE: list[bool] = []  # memo of triton_available()
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it once and folds the answer
 def triton_available() -> bool:
-    """True when ``import triton`` works in this process."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the install
-        return False
-    return True
+    """True when ``import triton`` works in this process (checked once)."""
+    if not _TRITON_IMPORTABLE:
+        try:
+            import triton  # noqa: F401
+        except Exception:  # pragma: no cover - depends on the install
+            _TRITON_IMPORTABLE.append(False)
+        else:
+            _TRITON_IMPORTABLE.append(True)
+    return _TRITON_IMPORTABLE[0]
 
 
 def _interpreting() -> bool:

@@ -137,6 +137,28 @@ def test_scale_argument():
         check_ratio(name, a, o, y, torch.float32)
 
 
+def test_reference_flags_build_oracle_and_yardstick():
+    q, k, v, _, masks = make_case(2, 2, 40, 50, 32, "key_lengths", torch.float16, seed=21)
+    exact = masked_attention_reference(q.double(), k.double(), v.double(), upcast=False, **masks)
+    up = masked_attention_reference(q, k, v, upcast=True, **masks)
+    low = masked_attention_reference(q, k, v, upcast=False, **masks)
+    assert up.dtype == low.dtype == torch.float16
+    # upcast=True is the fp32 oracle; upcast=False the (worse) same-precision yardstick.
+    err_up = (up.double() - exact).abs().max().item()
+    err_low = (low.double() - exact).abs().max().item()
+    assert err_up < err_low, (err_up, err_low)
+    # reorder_ops folds the scale into q (rounded in fp16) before the product ...
+    scale = 32**-0.5
+    reordered = masked_attention_reference(q, k, v, upcast=False, reorder_ops=True, **masks)
+    manual = masked_attention_reference(q * scale, k, v, scale=1.0, upcast=False, **masks)
+    torch.testing.assert_close(reordered, manual, rtol=0, atol=0)
+    # ... which in exact arithmetic is the same function.
+    r64 = masked_attention_reference(
+        q.double(), k.double(), v.double(), upcast=False, reorder_ops=True, **masks
+    )
+    torch.testing.assert_close(r64, exact, rtol=1e-12, atol=1e-12)
+
+
 def test_backward_reference_matches_autograd_with_lse():
     q, k, v, do, masks = make_case(2, 2, 11, 14, 16, "combined", torch.float64, seed=8)
     ins = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -214,6 +236,44 @@ def test_torch_compile_fullgraph_forward_and_backward():
     torch.testing.assert_close(got, want)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b)
+
+
+def test_autotuned_gpu_launch_prunes_configs(monkeypatch):
+    """The GPU launchers through the real Triton autotuner (benchmark and launch stubbed out, so
+    no GPU is needed): the shared-memory pruning sees its launch arguments and keeps configs."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("kernels are interpreted in this process")
+    from pqmim_kernels.ops import masked_attention as ma
+
+    pruned = {}
+    for name, tuned in (
+        ("fwd", ma._fwd_tuned),
+        ("dq", ma._bwd_dq_tuned),
+        ("dkdv", ma._bwd_dkdv_tuned),
+    ):
+
+        def recording_prune(configs, named_args, _name=name, _real=tuned.early_config_prune, **kw):
+            pruned[_name] = _real(configs, named_args, **kw)
+            return pruned[_name]
+
+        monkeypatch.setattr(tuned, "early_config_prune", recording_prune)
+        monkeypatch.setattr(tuned, "cache", {})
+        monkeypatch.setattr(tuned, "_bench", lambda *a, config, **k: [float(config.num_stages)])
+        monkeypatch.setattr(tuned.fn, "run", lambda *a, **k: None)
+    monkeypatch.setattr(
+        ma, "_launch_params", lambda q, kernel, d_pad: ({"INTERPRETER": False}, True)
+    )
+    for dtype, dh in ((torch.float16, 64), (torch.float32, 128)):
+        q, k, v, do, masks = make_case(1, 2, 40, 50, dh, "combined", dtype, seed=22)
+        out, lse = ma.masked_attention_forward(q, k, v, scale=0.1, **masks)
+        ma.masked_attention_backward(do, q, k, v, out, lse, scale=0.1, **masks)
+        assert set(pruned) == {"fwd", "dq", "dkdv"}
+        for name, tuned in (("fwd", ma._fwd_tuned), ("dq", ma._bwd_dq_tuned)):
+            assert 0 < len(pruned[name]) <= len(tuned.configs), (name, dtype)
+        if dtype == torch.float32:  # fp32 at Dh = 128 cannot take the deepest pipelines
+            assert len(pruned["fwd"]) < len(ma._fwd_tuned.configs)
+        pruned.clear()
 
 
 # ---- errors ----

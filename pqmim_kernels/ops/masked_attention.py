@@ -583,8 +583,11 @@ def _prune(tiles_per_stage: int, resident_tiles: int):
     """
 
     def prune(configs, named_args, **kwargs):
-        d = named_args["D_PAD"]
-        elem = named_args["Q"].element_size()
+        # The autotuner passes positional launch arguments in named_args and keyword ones
+        # (D_PAD here) in kwargs; look in both.
+        args = {**named_args, **kwargs}
+        d = args["D_PAD"]
+        elem = args["Q"].element_size()
         kept = []
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
