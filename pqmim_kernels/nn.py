@@ -264,7 +264,14 @@ class ProductQuantizer(nn.Module):
         samples = tokens.detach().reshape(-1, self.num_subspaces, self.subspace_dim)
         centroids, counts = kmeans(samples, self.codebook_size, self.kmeans_iters)
         if self._distributed():
+            # Every replica takes rank 0's centroids; the initial EMA counts are then the
+            # assignments of all ranks' samples to *those* centroids (a rank's own k-means
+            # counts belong to its own, discarded centroids).
+            from pqmim_kernels import functional as F_pq
+
             torch.distributed.broadcast(centroids, src=0)
+            local = F_pq.pq_assign(tokens.detach(), centroids, backend=self.backend)
+            counts = self._counts(local)
             torch.distributed.all_reduce(counts)
         self.embed.copy_(centroids)
         self.cluster_size.copy_(counts)

@@ -366,7 +366,8 @@ def triton_results(tmp_path_factory):
     work = tmp_path_factory.mktemp("pq_triton")
     inp, out = str(work / "cases.pt"), str(work / "results.pt")
     torch.save(cases, inp)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     proc = subprocess.run(
         [sys.executable, __file__, WORKER_FLAG, inp, out],
         env=env,
@@ -409,6 +410,124 @@ def test_triton_custom_op_compiles_fullgraph(triton_results):
     assert torch.equal(
         results["compiled"]["codes"], ref.pq_assign_chunked(case["z"], case["cb"])[0]
     )
+
+
+# ---- GPU-only code paths, checked without a GPU -----------------------------------------------
+
+H100_SMEM_PER_BLOCK = 227 * 1024
+
+
+def _compiled_kernels():
+    """The jitted kernels (not interpreter objects); skip where Triton cannot provide them."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("kernels are interpreted in this process")
+    from pqmim_kernels.ops import pq_assign as pa
+    from pqmim_kernels.ops import pq_stats as ps
+
+    return pa, ps
+
+
+def test_autotuned_launch_prunes_tilings_that_do_not_fit(monkeypatch):
+    """The real autotuner call of the GPU launcher (benchmark and launch stubbed out) keeps only
+    tilings whose shared memory fits, e.g. a single one for fp32 at d = 256."""
+    pa, _ = _compiled_kernels()
+    tuned = pa._pq_assign_tuned
+    pruned, launched = [], []
+    real_prune = tuned.early_config_prune
+
+    def recording_prune(configs, named_args, **kwargs):
+        kept = real_prune(configs, named_args, **kwargs)
+        pruned.append(kept)
+        return kept
+
+    monkeypatch.setattr(tuned, "early_config_prune", recording_prune)
+    monkeypatch.setattr(tuned, "cache", {})
+    monkeypatch.setattr(tuned, "_bench", lambda *a, config, **k: [float(config.num_stages)])
+    monkeypatch.setattr(tuned.fn, "run", lambda *a, **k: launched.append(k))
+    monkeypatch.setattr(pa, "_interpreting", lambda: False)
+    cases = [  # (z dtype, codebook dtype, d, tilings kept)
+        (torch.float16, torch.float16, 12, 6),
+        (torch.float32, torch.float32, 128, 3),
+        (torch.bfloat16, torch.bfloat16, 256, 3),
+        (torch.bfloat16, torch.float32, 256, 1),  # mixed dtypes: operands upcast to fp32
+        (torch.float32, torch.float32, 256, 1),
+    ]
+    for z_dtype, cb_dtype, d, n_kept in cases:
+        z, cb = make_inputs((5,), 2, 7, d, z_dtype)
+        pa.pq_assign_triton(z, cb.to(cb_dtype))
+        kept = pruned[-1]
+        assert len(kept) == n_kept, (z_dtype, cb_dtype, d, kept)
+        elem = 2 if z_dtype == cb_dtype != torch.float32 else 4
+        block_d = max(16, 1 << (d - 1).bit_length())
+        assert all(pa._smem_bytes(c, block_d, elem) <= pa._SMEM_BUDGET for c in kept)
+        ran = {k: launched[-1][k] for k in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
+        assert any({**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} == ran
+                   for c in kept)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kernel", "z_dtype", "cb_dtype", "d", "arch"),
+    [
+        ("assign", torch.float32, torch.float32, 256, 90),
+        ("assign", torch.bfloat16, torch.bfloat16, 128, 90),
+        ("assign", torch.float16, torch.float16, 12, 80),
+        ("assign", torch.bfloat16, torch.float32, 16, 80),
+        ("stats", torch.bfloat16, None, 12, 90),
+        ("stats", torch.float32, None, 1, 80),
+    ],
+)
+def test_kernels_compile_ahead_of_time_for_gpus(kernel, z_dtype, cb_dtype, d, arch):
+    """Full CUDA pipeline (TTIR -> PTX -> ptxas cubin) for sm_80/sm_90 with no GPU present:
+    catches what the interpreter cannot (tl.dot layouts, shared memory). For the assignment
+    kernel the largest tiling the autotuner keeps must fit an H100 and match the estimate."""
+    pa, ps = _compiled_kernels()
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        if not os.path.exists(get_ptxas(arch).path):
+            raise FileNotFoundError(get_ptxas(arch).path)
+    except Exception as exc:  # pragma: no cover - depends on the Triton build
+        pytest.skip(f"no CUDA compiler toolchain in this Triton: {exc}")
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    block_d = max(16, triton.next_power_of_2(d))
+    if kernel == "assign":
+        fn = pa._pq_assign_kernel
+        pointers = {"z_ptr": names[z_dtype], "cb_ptr": names[cb_dtype]}
+        pointers.update(codes_ptr="i64", dist_ptr="fp32")
+        upcast = z_dtype != cb_dtype
+        elem = 4 if upcast or z_dtype == torch.float32 else 2
+        kept = [c for c in pa._configs() if pa._smem_bytes(c, block_d, elem) <= pa._SMEM_BUDGET]
+        config = max(kept, key=lambda c: pa._smem_bytes(c, block_d, elem))
+        constexprs = dict(K=300, D_SUB=d, BLOCK_D=block_d, UPCAST=upcast, WITH_DIST=True)
+        constexprs.update(config.kwargs)
+    else:
+        fn = ps._pq_stats_kernel
+        pointers = {"z_ptr": names[z_dtype], "codes_ptr": "i64"}
+        pointers.update(counts_ptr="fp32", sums_ptr="fp32")
+        config = triton.Config({}, num_warps=4, num_stages=1)
+        constexprs = dict(K=300, D_SUB=d, BLOCK_N=64, BLOCK_D=triton.next_power_of_2(d))
+    constexprs["stride_zd"] = 1
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in pointers:
+            signature[name] = "*" + pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "constexpr" if name in constexprs else "i32"
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    assert compiled.asm["cubin"], "ptxas produced no cubin"
+    shared = compiled.metadata.shared
+    assert shared <= H100_SMEM_PER_BLOCK, (config, shared)
+    if kernel == "assign":
+        estimate = pa._smem_bytes(config, block_d, elem)
+        # ptxas adds a few KiB of reduction scratch (sm_80) that the 27 KiB margin covers.
+        assert estimate <= shared <= estimate + 8 * 1024, (config, shared, estimate)
 
 
 if __name__ == "__main__" and WORKER_FLAG in sys.argv:

@@ -88,6 +88,23 @@ def test_eval_mode_freezes_codebooks():
     assert all(v.shape == (2,) for v in stats.values())
 
 
+def test_codebook_stats_values():
+    # M = 2 sub-spaces of d = 1 with codewords 0, 10, 20, 30: sub-space 0 of the batch uses
+    # codes 0 and 1 equally, sub-space 1 only code 3.
+    pq = ProductQuantizer(2, 2, 4, kmeans_init=False, threshold_ema_dead_code=2.0).eval()
+    with torch.no_grad():
+        pq.embed.copy_(torch.tensor([0.0, 10.0, 20.0, 30.0]).expand(2, 4).unsqueeze(-1))
+        pq.cluster_size.copy_(torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 5.0, 5.0]]))
+    x = torch.tensor([[0.1, 29.0], [9.8, 31.0], [0.3, 30.2], [10.4, 28.5]])
+    _, indices, _ = pq(x)
+    assert indices.tolist() == [[0, 3], [1, 3], [0, 3], [1, 3]]
+    stats = pq.codebook_stats()
+    torch.testing.assert_close(stats["perplexity"], torch.tensor([2.0, 1.0]))
+    torch.testing.assert_close(stats["usage"], torch.tensor([0.5, 0.25]))
+    torch.testing.assert_close(stats["ema_perplexity"], torch.tensor([4.0, 2.0]))
+    torch.testing.assert_close(stats["dead_fraction"], torch.tensor([1.0, 0.5]))
+
+
 # ---- codebook learning ------------------------------------------------------------------------
 
 
@@ -273,3 +290,84 @@ def test_drop_in_for_vector_quantize_pytorch_trains_at_least_as_well():
     assert shapes_ours == shapes_theirs  # same return convention: (4096, 4, 8), (4096, 4, 2)
     assert mse_ours <= mse_theirs, (mse_ours, mse_theirs)
     assert min(use_ours) >= min(use_theirs), (use_ours, use_theirs)
+
+
+# ---- real torch.distributed group (gloo, 2 CPU processes) ---------------------------------------
+
+WORLD = 2
+
+
+def _global_batches(steps):
+    """(steps, WORLD, 40, 8) tokens: the same global data on every rank; rank r uses [:, r]."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(2, 6, 4, generator=g) * 3
+    return torch.stack([mixture(WORLD * 40, centers, 0.3, g) for _ in range(steps)]).reshape(
+        steps, WORLD, 40, 8
+    )
+
+
+def _ddp_worker(rank, store, out):
+    """Body of one rank: trains two quantizers on this rank's shard and saves the results."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        batches = _global_batches(3)
+        # (1) EMA statistics only: must equal one process seeing the whole global batch.
+        torch.manual_seed(0)  # identical initial codebooks on every rank
+        ema = ProductQuantizer(8, 2, 6, kmeans_init=False, threshold_ema_dead_code=0, decay=0.8)
+        for xb in batches:
+            ema(xb[rank])
+        # (2) k-means init and dead-code restarts draw random numbers from each rank's own
+        # generator and data: the broadcasts from rank 0 must still keep replicas identical.
+        torch.manual_seed(100 + rank)
+        full = ProductQuantizer(8, 2, 16, decay=0.5, threshold_ema_dead_code=4.0)
+        first_codes = full(batches[0][rank])[1]
+        first_cluster_size = full.cluster_size.clone()
+        for xb in batches[1:]:
+            full(xb[rank])
+        torch.save(
+            {
+                "ema": ema.state_dict(),
+                "full": full.state_dict(),
+                "first_codes": first_codes,
+                "first_cluster_size": first_cluster_size,
+            },
+            f"{out}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gloo_two_processes_keep_identical_codebooks(tmp_path):
+    """A real 2-process gloo group (torch.multiprocessing.spawn): all-reduced statistics give
+    the single-process update on the concatenated batch, and every replica stays identical
+    through k-means init and dead-code restarts."""
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    for part in ("ema", "full"):
+        for name, value in ranks[0][part].items():
+            assert torch.equal(value, ranks[1][part][name]), (part, name)
+
+    torch.manual_seed(0)
+    single = ProductQuantizer(8, 2, 6, kmeans_init=False, threshold_ema_dead_code=0, decay=0.8)
+    for xb in _global_batches(3):
+        single(xb.reshape(-1, 8))
+    for name in ("embed", "cluster_size", "embed_avg"):
+        # Counts add exactly; sums are added in a different order than one index_add_.
+        torch.testing.assert_close(ranks[0]["ema"][name], getattr(single, name))
+
+    # After the k-means init, the EMA counts are all ranks' assignments to rank 0's centroids
+    # (the first step assigns with those centroids and its counts equal the initial ones).
+    codes = torch.cat([r["first_codes"] for r in ranks])
+    expected = torch.stack([torch.bincount(codes[:, m], minlength=16) for m in range(2)]).float()
+    alive = expected >= 4.0
+    assert (~alive).any()  # some codes were under the threshold and got re-seeded ...
+    first = ranks[0]["first_cluster_size"]
+    assert torch.all(first[~alive] == 4.0)  # ... starting at the threshold pseudo-count
+    assert torch.equal(first[alive], expected[alive])

@@ -126,10 +126,37 @@ def _configs():
     ]
 
 
+# H100: 227 KiB of shared memory per block; keep a margin for the compiler's own buffers.
+_SMEM_BUDGET = 200 * 1024
+# Always fits: 4 B · 256 · (32 + 32) = 64 KiB at the largest d.
+_FALLBACK_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2)
+
+
+def _smem_bytes(config, block_d: int, elem: int) -> int:
+    """Shared memory of one program: the z tile plus the pipelined codebook tiles.
+
+    ptxas (sm_90) uses this plus < 1 KiB; sm_80 adds up to ~4 KiB of reduction scratch, which
+    the margin under the 227 KiB limit covers (measured by compiling ahead of time).
+    """
+    bn, bk = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    return elem * block_d * (bn + bk * max(1, config.num_stages - 1))
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tilings that would not fit in shared memory at this d (large d, fp32 operands)."""
+    # The autotuner passes positional launch arguments in named_args, keyword ones in kwargs.
+    args = {**named_args, **kwargs}
+    elem = 4 if args["UPCAST"] or args["z_ptr"].dtype == torch.float32 else 2
+    kept = [c for c in configs if _smem_bytes(c, args["BLOCK_D"], elem) <= _SMEM_BUDGET]
+    return kept or [_FALLBACK_CONFIG]
+
+
 # Autotuned on GPU, keyed on the compile-time shape; the interpreter uses one small tiling.
-_pq_assign_tuned = triton.autotune(configs=_configs(), key=["K", "D_SUB", "UPCAST", "WITH_DIST"])(
-    _pq_assign_kernel
-)
+_pq_assign_tuned = triton.autotune(
+    configs=_configs(),
+    key=["K", "D_SUB", "UPCAST", "WITH_DIST"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_pq_assign_kernel)
 
 
 def _interpreting() -> bool:
