@@ -95,7 +95,17 @@ def test_compress_partial_stages_in_process(tmp_path, model_file, capsys):
             main(["decompress", str(out), "--model", str(model_file), "--original", str(src)]) == 0
         )
     assert sizes[0] < sizes[1]
-    assert "PSNR" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "PSNR" in printed and "(2 of 6 stages)" in printed
+    budget = tmp_path / "b.pqm"
+    args = ["compress", str(src), "-o", str(budget), "--model", str(model_file)]
+    assert main([*args, "--max-bytes", str(sizes[0])]) == 0
+    assert budget.read_bytes() == (tmp_path / "p2.pqm").read_bytes()  # stage 3 does not fit
+    assert "(2 of 6 stages)" in capsys.readouterr().out
+    assert main([*args, "--max-bytes", "5"]) == 1
+    assert "even one coding stage needs" in capsys.readouterr().err
+    assert main([*args, "--max-bytes", "500", "--stages", "2"]) == 1
+    assert "give --stages or --max-bytes, not both" in capsys.readouterr().err
     assert main(["compress", str(src), "--model", str(model_file), "--stages", "9"]) == 1
     assert "stages must be an int in [1, 6], got 9" in capsys.readouterr().err
 

@@ -241,6 +241,22 @@ def test_probability_mismatch_is_detected(model):
         drift.decompress(data)
 
 
+def test_byte_budget_picks_the_last_stage_that_fits(model):
+    img = (_image(96, 128, seed=4)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    sizes = [len(compress_image(img, model, stages=s)) for s in range(1, TINY.stages + 1)]
+    assert sizes == sorted(sizes)
+    for s in range(1, TINY.stages + 1):
+        for budget in (sizes[s - 1], (sizes[s] - 1) if s < TINY.stages else 10**6):
+            data = compress_image(img, model, max_bytes=budget)
+            assert data == compress_image(img, model, stages=s), (s, budget)
+    with pytest.raises(ValueError, match=f"even one coding stage needs {sizes[0]} bytes"):
+        compress_image(img, model, max_bytes=sizes[0] - 1)
+    with pytest.raises(ValueError, match="give stages or max_bytes, not both"):
+        compress_image(img, model, stages=2, max_bytes=1000)
+    with pytest.raises(ValueError, match="max_bytes must be a positive int, got 0"):
+        compress_image(img, model, max_bytes=0)
+
+
 def test_partial_stages_are_smaller_and_keep_sent_codes(model):
     """Hybrid mode (PQMIM.md §7): send the first stages, the decoder fills the rest."""
     from pqmim_kernels.models.schedule import coding_order, stage_bounds

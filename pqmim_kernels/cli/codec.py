@@ -109,6 +109,13 @@ def register(subparsers) -> None:
         default=None,
         help="send only the first N coding stages; the decoder fills the rest (default: all)",
     )
+    c.add_argument(
+        "--max-bytes",
+        type=int,
+        default=None,
+        help="send as many coding stages as fit in this many bytes (whole file; the decoder "
+        "fills the rest)",
+    )
     _common(c)
     c.set_defaults(func=run_compress)
     d = subparsers.add_parser(
@@ -146,11 +153,14 @@ def run_compress(args) -> int:
     out = Path(args.output) if args.output else Path(args.input).with_suffix(".pqm")
     model = _load(args)
     t0 = time.perf_counter()
-    data = compress_image(img, model, stages=args.stages)
+    if args.stages is not None and args.max_bytes is not None:
+        raise ValueError("give --stages or --max-bytes, not both")
+    data = compress_image(img, model, stages=args.stages, max_bytes=args.max_bytes)
     dt = time.perf_counter() - t0
     out.write_bytes(data)
     h, w = img.shape[:2]
-    if args.stages is None or args.stages == model.config.stages:
+    sent = _stages_sent(data)
+    if sent == model.config.stages:
         # Decoding is bit-exact in the codes, so the decoder's image is the conv decoder applied
         # to the encoder's codes: no entropy decoding needed for the PSNR.
         recon = _reconstruct(img, model)
@@ -159,8 +169,16 @@ def run_compress(args) -> int:
     print(
         f"{args.input} ({w}x{h}) -> {out}: {len(data)} bytes, "
         f"{8 * len(data) / (h * w):.4f} bpp, encode {dt:.3f} s, PSNR {psnr(img, recon):.2f} dB"
+        + ("" if sent == model.config.stages else f" ({sent} of {model.config.stages} stages)")
     )
     return 0
+
+
+def _stages_sent(data: bytes) -> int:
+    """Number of coding stages a ``.pqm`` file holds (from its header)."""
+    from pqmim_kernels.coding import pqm_format
+
+    return pqm_format.unpack(data)[0].stages_sent
 
 
 def _reconstruct(img: np.ndarray, model) -> np.ndarray:

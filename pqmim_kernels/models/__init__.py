@@ -104,14 +104,43 @@ def _as_tensor(img: np.ndarray) -> torch.Tensor:
 
 
 def compress_image(
-    img: np.ndarray, model: PQMIM | None = None, *, stages: int | None = None
+    img: np.ndarray,
+    model: PQMIM | None = None,
+    *,
+    stages: int | None = None,
+    max_bytes: int | None = None,
 ) -> bytes:
     """uint8 (H, W, 3) RGB -> ``.pqm`` bytes (``model=None``: the bundled default, cached).
 
     ``stages``: send only the first N coding stages (default: all); see :meth:`PQMIM.compress`.
+    ``max_bytes``: instead, send the most stages whose whole file fits in this many bytes
+    (PQMIM.md §7: a byte budget picks the stop stage; the decoder fills the rest). Raises
+    ``ValueError`` if even the first stage does not fit.
     """
     x = _as_tensor(img)
-    return (model or _default_model()).compress(x, stages=stages)
+    model = model or _default_model()
+    if max_bytes is None:
+        return model.compress(x, stages=stages)
+    if stages is not None:
+        raise ValueError("compress_image: give stages or max_bytes, not both")
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise ValueError(f"compress_image: max_bytes must be a positive int, got {max_bytes!r}")
+    # File size grows with the stages sent: binary search for the last stage that fits.
+    lo, hi, best = 1, model.config.stages, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        data = model.compress(x, stages=mid)
+        if len(data) <= max_bytes:
+            best, lo = data, mid + 1
+        else:
+            hi = mid - 1
+            smallest = len(data)
+    if best is None:
+        raise ValueError(
+            f"compress_image: even one coding stage needs {smallest} bytes, over max_bytes="
+            f"{max_bytes}"
+        )
+    return best
 
 
 def decompress_image(data: bytes, model: PQMIM | None = None) -> np.ndarray:
