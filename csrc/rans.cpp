@@ -370,19 +370,25 @@ void Encoder::push_cdfs(const int64_t* symbols, const int32_t* cdfs, int64_t n, 
 void Encoder::push_indexed(const int64_t* symbols, const int64_t* indexes, int64_t n,
                            const int32_t* table, int64_t tables, int64_t k) {
   check_cdf_table(table, tables, k, precision_);
-  for (int64_t r = 0; r < n; ++r) {
-    check_symbol(symbols[r], k, r);
-    if (indexes[r] < 0 || indexes[r] >= tables)
-      throw Error("indexes[" + std::to_string(r) + "] = " + std::to_string(indexes[r]) +
-                  " is out of range [0, " + std::to_string(tables) + ")");
-  }
   size_t base = start_.size();
   start_.resize(base + static_cast<size_t>(n));
   freq_.resize(base + static_cast<size_t>(n));
+  uint32_t* st = start_.data() + base;
+  uint32_t* fr = freq_.data() + base;
+  // One pass: range checks (one unsigned compare each) and the table lookups together.
   for (int64_t r = 0; r < n; ++r) {
-    const int32_t* c = table + indexes[r] * (k + 1) + symbols[r];
-    start_[base + r] = static_cast<uint32_t>(c[0]);
-    freq_[base + r] = static_cast<uint32_t>(c[1] - c[0]);
+    const int64_t s = symbols[r], t = indexes[r];
+    if (static_cast<uint64_t>(s) >= static_cast<uint64_t>(k) ||
+        static_cast<uint64_t>(t) >= static_cast<uint64_t>(tables)) {
+      start_.resize(base);  // a failed call leaves the encoder as it was
+      freq_.resize(base);
+      check_symbol(s, k, r);
+      throw Error("indexes[" + std::to_string(r) + "] = " + std::to_string(t) +
+                  " is out of range [0, " + std::to_string(tables) + ")");
+    }
+    const int32_t* c = table + t * (k + 1) + s;
+    st[r] = static_cast<uint32_t>(c[0]);
+    fr[r] = static_cast<uint32_t>(c[1] - c[0]);
   }
 }
 

@@ -1,7 +1,7 @@
 """Python face of the C++ rANS coder (``pqmim_kernels._rans``).
 
 Coder: 64-bit states, 32-bit renormalisation words, probability precision ``P`` (frequencies
-sum to ``2**P``; default 24, at most 24), one state for streams under 65,536 symbols and 2
+sum to ``2**P``; default 24, at most 24), one state for streams under 65,536 symbols and 4
 interleaved states above. The stream is a few bytes of framing (1 header byte, 5-8 bytes per
 state) plus 32-bit words; zero symbols give ``b""``.
 
@@ -167,7 +167,7 @@ class RansEncoder:
             use the same value (it is recorded in the stream header and checked).
         num_threads: threads used to quantise float distributions in :meth:`encode_probs`.
         lanes: interleaved states, 1, 2, 4 or 8; ``None`` chooses 1 below 65,536 symbols and
-            2 above (the reference coder takes the same parameter).
+            4 above (the reference coder takes the same parameter).
     """
 
     def __init__(
