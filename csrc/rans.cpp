@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <thread>
 
 namespace pqmim::rans {
@@ -399,13 +400,15 @@ std::vector<uint8_t> Encoder::finish() {
   int lanes = lanes_ != 0 ? lanes_ : (n >= kInterleaveMinSymbols ? kInterleavedLanes : 1);
   uint64_t state[kMaxLanes];
   std::fill(state, state + kMaxLanes, kLow);
-  std::vector<uint32_t> stack(static_cast<size_t>(n));  // at most one word per symbol
+  // At most one word per symbol, usually far fewer: left uninitialised so that only the
+  // pages actually written are ever touched.
+  std::unique_ptr<uint32_t[]> stack(new uint32_t[static_cast<size_t>(n)]);
   size_t words = 0;
   switch (lanes) {
-    case 1: words = encode_lanes<1>(start_.data(), freq_.data(), n, precision_, state, stack.data()); break;
-    case 2: words = encode_lanes<2>(start_.data(), freq_.data(), n, precision_, state, stack.data()); break;
-    case 4: words = encode_lanes<4>(start_.data(), freq_.data(), n, precision_, state, stack.data()); break;
-    default: words = encode_lanes<8>(start_.data(), freq_.data(), n, precision_, state, stack.data()); break;
+    case 1: words = encode_lanes<1>(start_.data(), freq_.data(), n, precision_, state, stack.get()); break;
+    case 2: words = encode_lanes<2>(start_.data(), freq_.data(), n, precision_, state, stack.get()); break;
+    case 4: words = encode_lanes<4>(start_.data(), freq_.data(), n, precision_, state, stack.get()); break;
+    default: words = encode_lanes<8>(start_.data(), freq_.data(), n, precision_, state, stack.get()); break;
   }
   // Lane 0 is written in as few bytes as its value needs (5..8; states are >= 2^31 so 4
   // bytes never suffice), the decoder infers the count from the length modulo 4.
