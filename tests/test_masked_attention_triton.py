@@ -165,6 +165,13 @@ def test_head_dim_limit_raises():
         masked_attention(q, q, q, backend="triton")
 
 
+def test_grid_limit_on_batch_times_heads_raises():
+    # B * H programs sit on the second grid axis, which CUDA caps at 65535.
+    q = torch.zeros(256, 257, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="supports B \\* H <= 65535, got 65792"):
+        masked_attention(q, q, q, backend="triton")
+
+
 def test_opcheck_triton_custom_op():
     q, k, v, _, masks = _case(1, 1, 16, 20, 16, "combined", torch.float32, seed=17)
     for t in (q, k, v):
