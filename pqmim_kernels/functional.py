@@ -174,6 +174,15 @@ def pq_ema_statistics(
             "pq_ema_statistics: z (..., D) and codes (..., M) must share leading dims with M "
             f"dividing D, got {tuple(z.shape)} and {tuple(codes.shape)}"
         )
+    if isinstance(num_codes, bool) or not isinstance(num_codes, int) or num_codes < 1:
+        raise ValueError(f"pq_ema_statistics: num_codes must be a positive int, got {num_codes!r}")
+    if z.device != codes.device:
+        raise ValueError(
+            f"pq_ema_statistics: z and codes must be on the same device, got {z.device} and "
+            f"{codes.device}"
+        )
+    if codes.numel() and bool(((codes < 0) | (codes >= num_codes)).any()):
+        raise ValueError(f"pq_ema_statistics: codes must lie in [0, K) = [0, {num_codes})")
     chosen = resolve_backend(backend, z, codes, op="pq_ema_statistics")
     if chosen == "triton":
         from pqmim_kernels.ops.pq_stats import pq_ema_statistics_triton

@@ -282,6 +282,12 @@ def test_lookup_and_statistics_errors():
         F.pq_ema_statistics(z, [0, 1], 3)
     with pytest.raises(ValueError, match="must share leading dims"):
         F.pq_ema_statistics(z, torch.zeros(4, 2, dtype=torch.int64), 3)
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, K\) = \[0, 3\)"):
+        F.pq_ema_statistics(z, torch.full((5, 2), 3), 3)
+    with pytest.raises(ValueError, match="num_codes must be a positive int, got 0"):
+        F.pq_ema_statistics(z, torch.zeros(5, 2, dtype=torch.int64), 0)
+    with pytest.raises(ValueError, match="z and codes must be on the same device"):
+        F.pq_ema_statistics(z, torch.zeros(5, 2, dtype=torch.int64, device="meta"), 3)
     with pytest.raises(ValueError, match=r"kmeans: x must have shape \(N, M, d\)"):
         ref.kmeans(torch.zeros(0, 2, 3), 4)
 
