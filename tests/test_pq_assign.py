@@ -261,6 +261,12 @@ def test_backend_errors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         F.pq_assign(z, cb, backend="triton")
+    # Without Triton: "auto" falls back to the eager path, an explicit "triton" says why not.
+    monkeypatch.setattr(F, "_TRITON_IMPORTABLE", [False])
+    assert not F.triton_available()
+    assert torch.equal(F.pq_assign(z, cb), ref.pq_assign_chunked(z, cb)[0])
+    with pytest.raises(RuntimeError, match="'triton' requested but Triton is not installed"):
+        F.pq_assign(z, cb, backend="triton")
 
 
 def test_lookup_and_statistics_errors():
