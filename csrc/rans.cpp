@@ -2,12 +2,19 @@
 #include "rans.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <new>
 #include <thread>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace pqmim::rans {
 namespace {
@@ -45,9 +52,15 @@ void parallel_for(int64_t n, int threads, int64_t work_per_item, Fn fn) {
     if (e) std::rethrow_exception(e);
 }
 
-// Requests a whole row ahead of use: the quantiser makes three passes over each row, the
-// first of which would otherwise wait on memory for every line.
-inline void prefetch_row(const float* p, int64_t k) {
+// Requests the row `rows_ahead(k)` rows after r (when it is below hi): the quantiser's first
+// pass over a row otherwise waits on memory, and one row ahead is too close for short rows.
+#ifndef PQMIM_PREFETCH_BYTES
+#define PQMIM_PREFETCH_BYTES 4096
+#endif
+inline void prefetch_ahead(const float* probs, int64_t r, int64_t hi, int64_t k) {
+  const int64_t ahead = std::max<int64_t>(1, PQMIM_PREFETCH_BYTES / (4 * k));
+  if (r + ahead >= hi) return;
+  const float* p = probs + (r + ahead) * k;
   for (int64_t i = 0; i < k; i += 16) __builtin_prefetch(p + i);
 }
 
@@ -100,6 +113,34 @@ size_t encode_lanes(const uint32_t* start, const uint32_t* freq, int64_t n, int 
 }
 
 }  // namespace
+
+void U32Buffer::resize(size_t n) {
+  if (n > capacity_) {
+    // Large buffers are 2 MiB aligned and marked for huge pages (THP in "madvise" mode);
+    // growth is geometric so that many small calls stay linear.
+    constexpr size_t kHuge = size_t{1} << 21;
+    size_t cap = std::max(n, 2 * capacity_);
+    size_t bytes = cap * sizeof(uint32_t);
+    const size_t align = bytes >= 2 * kHuge ? kHuge : 64;
+    bytes = (bytes + align - 1) / align * align;
+    void* p = std::aligned_alloc(align, bytes);
+    if (p == nullptr) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (align == kHuge) madvise(p, bytes, MADV_HUGEPAGE);  // advice only; failure is harmless
+#endif
+    if (size_ > 0) std::memcpy(p, data_, size_ * sizeof(uint32_t));
+    std::free(data_);
+    data_ = static_cast<uint32_t*>(p);
+    capacity_ = bytes / sizeof(uint32_t);
+  }
+  size_ = n;
+}
+
+void U32Buffer::release() {
+  std::free(data_);
+  data_ = nullptr;
+  size_ = capacity_ = 0;
+}
 
 void check_precision(int precision) {
   if (precision < 1 || precision > kMaxPrecision)
@@ -160,19 +201,54 @@ struct Weights {
 };
 
 // T = sum floor(p_i c1 c2) and the first index of m, in one vectorised pass (the index as a
-// min-reduction instead of an early-exit scan, which would be scalar).
-PQMIM_CLONES Weights sum_weights(const float* p, int32_t k, float c1, float c2, float m) {
+// min-reduction instead of an early-exit scan, which would be scalar). The integer weights
+// t_i are also stored in t (< 2^24 each), so the frequency pass need not recompute them.
+// Partial sums are kept in int32 over blocks of 64 (64 * 2^24 = 2^30) and widened once per
+// block: widening every element to int64 cost a fifth of the pass.
+namespace {
+// One element of sum_weights: stores t_i, adds it to part, min-reduces the index of m.
+inline void weigh(const float* p, int32_t i, int32_t k, float c1, float c2, float m,
+                  uint32_t* t, int32_t& part, int32_t& first) {
+  const int32_t w = static_cast<int32_t>(std::floor((p[i] * c1) * c2));  // exact
+  t[i] = static_cast<uint32_t>(w);
+  part += w;
+  const int32_t cand = p[i] == m ? i : k;
+  first = cand < first ? cand : first;
+}
+}  // namespace
+
+PQMIM_CLONES Weights sum_weights(const float* p, int32_t k, float c1, float c2, float m,
+                                 uint32_t* t) {
+  constexpr int32_t kBlock = 64;
   int64_t total = 0;
   int32_t first = k;
-  for (int32_t i = 0; i < k; ++i) {
-    total += static_cast<int32_t>(std::floor((p[i] * c1) * c2));  // < 2^24, exact in int32
-    int32_t cand = p[i] == m ? i : k;
-    first = cand < first ? cand : first;
+  int32_t b = 0;
+  for (; b + kBlock <= k; b += kBlock) {
+    int32_t part = 0;
+    for (int32_t j = 0; j < kBlock; ++j) weigh(p, b + j, k, c1, c2, m, t, part, first);
+    total += part;
   }
-  return {total, first};
+  int32_t part = 0;
+  for (; b < k; ++b) weigh(p, b, k, c1, c2, m, t, part, first);
+  return {total + part, first};
 }
 
-// f_i = max(1, floor(floor(p_i c1 c2) * s)) + bias; returns sum f_i.
+// In place: f_i = max(1, floor(float(t_i) * s)) from the weights t_i that sum_weights left in
+// f (float(t_i) is exact, t_i < 2^24); returns sum f_i. The sum fits in 32 bits: each term is
+// at most t_i * s * (1 + 2^-23) + 1 with sum t_i * s = 2^P, so it stays below 2^P + 2K + 1.
+PQMIM_CLONES uint32_t freqs_from_weights(uint32_t* f, int64_t k, float s) {
+  uint32_t sum = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    int32_t q = static_cast<int32_t>(std::floor(static_cast<float>(static_cast<int32_t>(f[i])) * s));
+    q = q < 1 ? 1 : q;
+    f[i] = static_cast<uint32_t>(q);
+    sum += static_cast<uint32_t>(q);
+  }
+  return sum;
+}
+
+// f_i = max(lo, floor(floor(p_i c1 c2) * s)) + bias from the probabilities; returns sum f_i.
+// Used by the rare second pass of quantize_row (after the weights in f were overwritten).
 PQMIM_CLONES int64_t make_freqs(const float* p, int64_t k, float c1, float c2, float s,
                                 int32_t lo, int32_t bias, uint32_t* f) {
   int64_t sum = 0;
@@ -242,12 +318,12 @@ void quantize_row(const float* p, int64_t k, int precision, uint32_t* f, int64_t
   int sh = 24 - e;
   float c1 = pow2f(std::min(sh, 127));
   float c2 = pow2f(std::max(sh - 127, 0));
-  const Weights w = sum_weights(p, static_cast<int32_t>(k), c1, c2, m);
+  const Weights w = sum_weights(p, static_cast<int32_t>(k), c1, c2, m, f);
   const int64_t total = w.total;
   const int64_t a = w.first;
   const int64_t M = int64_t{1} << precision;
   const float tf = static_cast<float>(total);
-  int64_t d = M - make_freqs(p, k, c1, c2, static_cast<float>(M) / tf, 1, 0, f);
+  int64_t d = M - static_cast<int64_t>(freqs_from_weights(f, k, static_cast<float>(M) / tf));
   if (static_cast<int64_t>(f[a]) + d >= 1) {
     f[a] = static_cast<uint32_t>(static_cast<int64_t>(f[a]) + d);
     return;
@@ -318,7 +394,7 @@ void Encoder::push_probs(const int64_t* symbols, const float* probs, int64_t n, 
     parallel_for(n, num_threads_, k, [&](int64_t lo, int64_t hi) {
       std::vector<uint32_t> f(static_cast<size_t>(k));
       for (int64_t r = lo; r < hi; ++r) {
-        if (r + 1 < hi) prefetch_row(probs + (r + 1) * k, k);
+        prefetch_ahead(probs, r, hi, k);
         int64_t s = symbols[r];
         check_symbol(s, k, r);
         quantize_row(probs + r * k, k, precision_, f.data(), r);
@@ -422,10 +498,8 @@ std::vector<uint8_t> Encoder::finish() {
   for (int l = 1; l < lanes; ++l)
     for (int b = 0; b < 8; ++b) *p++ = static_cast<uint8_t>(state[l] >> (8 * b));
   for (size_t i = words; i-- > 0; p += 4) put_u32(p, stack[i]);
-  start_.clear();
-  freq_.clear();
-  start_.shrink_to_fit();
-  freq_.shrink_to_fit();
+  start_.release();
+  freq_.release();
   return bytes;
 }
 
@@ -483,39 +557,119 @@ inline void advance(uint64_t& x, uint64_t slot, uint32_t start, uint32_t freq, i
 }
 }  // namespace
 
+namespace {
+// Ring of quantised row blocks shared by the decoding thread and its helpers (pop_probs with
+// threads). Block j (rows [j * rows, (j + 1) * rows)) lives in slot j % slots. Any thread
+// claims the next block to quantise, at most `slots` blocks ahead of the decoder, so a slot
+// is only overwritten after the block that was in it has been decoded.
+struct BlockRing {
+  int64_t blocks = 0, slots = 0;
+  std::unique_ptr<std::atomic<int64_t>[]> ready;  // per slot: the block it holds, or -1
+  std::vector<std::exception_ptr> errors;         // per slot: the block's quantiser error
+  std::atomic<int64_t> next{0};                   // first block nobody has claimed
+  std::atomic<int64_t> consumed{0};               // blocks fully decoded
+  std::atomic<bool> abort{false};
+
+  // The next block to quantise, or -1 when none may be claimed now.
+  int64_t claim() {
+    int64_t j = next.load(std::memory_order_relaxed);
+    while (j < blocks && j < consumed.load(std::memory_order_acquire) + slots)
+      if (next.compare_exchange_weak(j, j + 1, std::memory_order_acq_rel)) return j;
+    return -1;
+  }
+};
+}  // namespace
+
 void Decoder::pop_probs(const float* probs, int64_t n, int64_t k, int64_t* out) {
   check_alphabet(k, precision_);
   need_stream(n);
   const uint64_t mask = (uint64_t{1} << precision_) - 1;
-  // Single-threaded, each row is quantised into an L1-resident scratch row and decoded at
-  // once. With threads, rows are quantised in blocks by all threads (frequencies do not
-  // depend on the stream) into a 4 MiB buffer (large blocks amortise the thread start-up),
-  // then the block is decoded serially.
-  const int64_t block =
-      num_threads_ > 1 ? std::max<int64_t>(1, std::min<int64_t>(n, (int64_t{1} << 20) / k)) : 1;
-  std::vector<uint32_t> freqs(static_cast<size_t>(block * k));
-  for (int64_t b0 = 0; b0 < n; b0 += block) {
-    int64_t b1 = std::min(n, b0 + block);
-    if (block == 1) {
-      if (b1 < n) prefetch_row(probs + b1 * k, k);
-      quantize_row(probs + b0 * k, k, precision_, freqs.data(), b0);
-    } else {
-      parallel_for(b1 - b0, num_threads_, k, [&](int64_t lo, int64_t hi) {
-        for (int64_t r = lo; r < hi; ++r)
-          quantize_row(probs + (b0 + r) * k, k, precision_, freqs.data() + r * k, b0 + r);
-      });
+  auto decode_row = [&](int64_t r, const uint32_t* f) {
+    uint64_t& x = state_[count_ & (lanes_ - 1)];
+    uint64_t slot = x & mask;
+    uint32_t c = 0;
+    int64_t s = find_slot(f, k, static_cast<uint32_t>(slot), &c);
+    advance(x, slot, c, f[s], precision_);
+    if (x < kLow) x = (x << 32) | read_word();
+    out[r] = s;
+    ++count_;
+  };
+  // Blocks of ~64 KiB of frequencies, 16 of them per thread in the ring: a deep ring absorbs
+  // the jitter of the decoding thread, which also quantises whenever its next block is not
+  // ready (2 per thread ran at 1.4x one thread on 2 cores, 16 at 1.7-2x; bench/README.md).
+  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 14) / k);
+  const int64_t blocks = (n + rows - 1) / rows;
+  const int threads = static_cast<int>(std::min<int64_t>(num_threads_, blocks));
+  if (threads <= 1) {
+    // Each row is quantised into an L1-resident scratch row and decoded at once.
+    std::vector<uint32_t> f(static_cast<size_t>(k));
+    for (int64_t r = 0; r < n; ++r) {
+      prefetch_ahead(probs, r, n, k);
+      quantize_row(probs + r * k, k, precision_, f.data(), r);
+      decode_row(r, f.data());
     }
-    for (int64_t r = b0; r < b1; ++r) {
-      uint64_t& x = state_[count_ & (lanes_ - 1)];
-      uint64_t slot = x & mask;
-      const uint32_t* f = freqs.data() + (r - b0) * k;
-      uint32_t c = 0;
-      int64_t s = find_slot(f, k, static_cast<uint32_t>(slot), &c);
-      advance(x, slot, c, f[s], precision_);
-      if (x < kLow) x = (x << 32) | read_word();
-      out[r] = s;
-      ++count_;
+    return;
+  }
+  // Frequencies do not depend on the stream, so helpers quantise blocks ahead while this
+  // thread decodes every block in order (the serial part: slot search and state update) and
+  // quantises blocks itself whenever the one it needs next is not ready.
+  BlockRing ring;
+  ring.blocks = blocks;
+  ring.slots = 16 * static_cast<int64_t>(threads);
+  std::vector<uint32_t> freqs(static_cast<size_t>(ring.slots * rows * k));
+  ring.ready.reset(new std::atomic<int64_t>[static_cast<size_t>(ring.slots)]);
+  for (int64_t s = 0; s < ring.slots; ++s) ring.ready[s].store(-1, std::memory_order_relaxed);
+  ring.errors.resize(static_cast<size_t>(ring.slots));
+  auto quantize_block = [&](int64_t j) {
+    const int64_t slot = j % ring.slots;
+    uint32_t* f = freqs.data() + slot * rows * k;
+    const int64_t r0 = j * rows, r1 = std::min(n, r0 + rows);
+    try {
+      for (int64_t r = r0; r < r1; ++r) {
+        prefetch_ahead(probs, r, r1, k);
+        quantize_row(probs + r * k, k, precision_, f + (r - r0) * k, r);
+      }
+    } catch (...) {
+      ring.errors[static_cast<size_t>(slot)] = std::current_exception();
     }
+    ring.ready[slot].store(j, std::memory_order_release);
+  };
+  auto helper = [&] {
+    while (!ring.abort.load(std::memory_order_acquire) &&
+           ring.next.load(std::memory_order_relaxed) < blocks) {
+      const int64_t j = ring.claim();
+      if (j >= 0)
+        quantize_block(j);
+      else
+        std::this_thread::yield();
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(threads - 1));
+  struct Joiner {  // stops and joins the helpers on every exit, exceptions included
+    BlockRing& ring;
+    std::vector<std::thread>& pool;
+    ~Joiner() {
+      ring.abort.store(true, std::memory_order_release);
+      for (auto& th : pool) th.join();
+    }
+  } joiner{ring, pool};
+  for (int t = 1; t < threads; ++t) pool.emplace_back(helper);
+  for (int64_t j = 0; j < blocks; ++j) {
+    const int64_t slot = j % ring.slots;
+    while (ring.ready[slot].load(std::memory_order_acquire) != j) {
+      const int64_t c = ring.claim();
+      if (c >= 0)
+        quantize_block(c);
+      else
+        std::this_thread::yield();
+    }
+    if (ring.errors[static_cast<size_t>(slot)])
+      std::rethrow_exception(ring.errors[static_cast<size_t>(slot)]);
+    const uint32_t* f = freqs.data() + slot * rows * k;
+    const int64_t r0 = j * rows, r1 = std::min(n, r0 + rows);
+    for (int64_t r = r0; r < r1; ++r) decode_row(r, f + (r - r0) * k);
+    ring.consumed.store(j + 1, std::memory_order_release);
   }
 }
 

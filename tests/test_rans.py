@@ -315,6 +315,40 @@ def test_large_stream_interleaved_threads_and_torch():
     np.testing.assert_array_equal(decode_probs(data, p.astype(np.float64)), s)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_threaded_decode_matches_serial(threads):
+    """The threaded float decoder (helpers quantise row blocks ahead of the decoding thread)
+    returns the same symbols as the serial one, over many blocks, split calls included."""
+    rng = np.random.default_rng(50 + threads)
+    n, k = 9_000, 300  # 54 rows per block: 167 blocks, more than the ring holds
+    p = make_probs(rng, n, k, "softmax")
+    s = sample(rng, p)
+    data = encode_probs(s, p)
+    np.testing.assert_array_equal(decode_probs(data, p, num_threads=threads), s)
+    dec = RansDecoder(data, num_threads=threads)
+    out = [dec.decode_probs(p[lo:hi]) for lo, hi in [(0, 1), (1, 4_000), (4_000, n)]]
+    np.testing.assert_array_equal(np.concatenate(out), s)
+    dec.finish()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 8])
+def test_threaded_decode_errors(threads):
+    """A bad row far into the stream is reported by its own index whichever thread quantised
+    it, and running out of bytes while helpers are busy raises instead of hanging."""
+    rng = np.random.default_rng(60)
+    n, k = 6_000, 100
+    p = make_probs(rng, n, k, "softmax")
+    s = sample(rng, p)
+    data = encode_probs(s, p)
+    bad = p.copy()
+    bad[4_321, 7] = np.nan
+    bad[5_000, 7] = -1.0
+    with pytest.raises(ValueError, match="probs row 4321 contains NaN, infinite or negative"):
+        RansDecoder(data, num_threads=threads).decode_probs(bad)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        RansDecoder(data[: len(data) // 2], num_threads=threads).decode_probs(p)
+
+
 def test_float16_probs_roundtrip():
     rng = np.random.default_rng(6)
     p = make_probs(rng, 500, 300, "softmax").astype(np.float16)
