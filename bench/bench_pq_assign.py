@@ -42,6 +42,7 @@ memory of one call in MiB (see ``bench/conftest.py``), the inputs + outputs size
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import math
 import os
 
@@ -105,7 +106,9 @@ def _versions() -> dict[str, str]:
     for name in ("triton", "faiss", "vector_quantize_pytorch"):
         try:
             mod = __import__(name)
-            out[name] = getattr(mod, "__version__", "?")
+            out[name] = getattr(mod, "__version__", None) or importlib.metadata.version(
+                name.replace("_", "-")
+            )
         except ImportError:
             out[name] = "not installed"
     return out
