@@ -52,8 +52,9 @@ void parallel_for(int64_t n, int threads, int64_t work_per_item, Fn fn) {
     if (e) std::rethrow_exception(e);
 }
 
-// Requests the row `rows_ahead(k)` rows after r (when it is below hi): the quantiser's first
-// pass over a row otherwise waits on memory, and one row ahead is too close for short rows.
+// Requests the row PQMIM_PREFETCH_BYTES / (4 K) rows (at least one) after row r, when it is
+// below hi: the quantiser's first pass over a row otherwise waits on memory, and one row
+// ahead is too close for short rows.
 #ifndef PQMIM_PREFETCH_BYTES
 #define PQMIM_PREFETCH_BYTES 4096
 #endif
@@ -200,12 +201,6 @@ struct Weights {
   int32_t first;  // first index holding the row maximum m
 };
 
-// T = sum floor(p_i c1 c2) and the first index of m, in one vectorised pass (the index as a
-// min-reduction instead of an early-exit scan, which would be scalar). The integer weights
-// t_i are also stored in t (< 2^24 each), so the frequency pass need not recompute them.
-// Partial sums are kept in int32 over blocks of 64 (64 * 2^24 = 2^30) and widened once per
-// block: widening every element to int64 cost a fifth of the pass.
-namespace {
 // One element of sum_weights: stores t_i, adds it to part, min-reduces the index of m.
 inline void weigh(const float* p, int32_t i, int32_t k, float c1, float c2, float m,
                   uint32_t* t, int32_t& part, int32_t& first) {
@@ -215,8 +210,12 @@ inline void weigh(const float* p, int32_t i, int32_t k, float c1, float c2, floa
   const int32_t cand = p[i] == m ? i : k;
   first = cand < first ? cand : first;
 }
-}  // namespace
 
+// T = sum floor(p_i c1 c2) and the first index of m, in one vectorised pass (the index as a
+// min-reduction instead of an early-exit scan, which would be scalar). The integer weights
+// t_i are also stored in t (< 2^24 each), so the frequency pass need not recompute them.
+// Partial sums are kept in int32 over blocks of 64 (64 * 2^24 = 2^30) and widened once per
+// block: widening every element to int64 cost a fifth of the pass.
 PQMIM_CLONES Weights sum_weights(const float* p, int32_t k, float c1, float c2, float m,
                                  uint32_t* t) {
   constexpr int32_t kBlock = 64;
