@@ -246,15 +246,15 @@ PQMIM_CLONES uint32_t freqs_from_weights(uint32_t* f, int64_t k, float s) {
   return sum;
 }
 
-// f_i = max(lo, floor(floor(p_i c1 c2) * s)) + bias from the probabilities; returns sum f_i.
-// Used by the rare second pass of quantize_row (after the weights in f were overwritten).
-PQMIM_CLONES int64_t make_freqs(const float* p, int64_t k, float c1, float c2, float s,
-                                int32_t lo, int32_t bias, uint32_t* f) {
+// f_i = 1 + floor(floor(p_i c1 c2) * s) from the probabilities (step 4: one reserved per
+// symbol; the floor is >= 0 as t, s >= 0); returns sum f_i. Used by the rare second pass of
+// quantize_row, after freqs_from_weights overwrote the weights in f.
+PQMIM_CLONES int64_t reserved_freqs(const float* p, int64_t k, float c1, float c2, float s,
+                                    uint32_t* f) {
   int64_t sum = 0;
   for (int64_t i = 0; i < k; ++i) {
     float t = std::floor((p[i] * c1) * c2);
-    int32_t q = static_cast<int32_t>(std::floor(t * s));  // <= 2^25 (t <= T)
-    q = (q < lo ? lo : q) + bias;
+    int32_t q = 1 + static_cast<int32_t>(std::floor(t * s));  // <= 2^25 (t <= T)
     f[i] = static_cast<uint32_t>(q);
     sum += q;
   }
@@ -327,7 +327,7 @@ void quantize_row(const float* p, int64_t k, int precision, uint32_t* f, int64_t
     f[a] = static_cast<uint32_t>(static_cast<int64_t>(f[a]) + d);
     return;
   }
-  d = M - make_freqs(p, k, c1, c2, static_cast<float>(M - k) / tf, 0, 1, f);
+  d = M - reserved_freqs(p, k, c1, c2, static_cast<float>(M - k) / tf, f);
   if (d >= 0) {
     f[a] += static_cast<uint32_t>(d);
     return;
@@ -615,7 +615,8 @@ void Decoder::pop_probs(const float* probs, int64_t n, int64_t k, int64_t* out) 
   BlockRing ring;
   ring.blocks = blocks;
   ring.slots = 16 * static_cast<int64_t>(threads);
-  std::vector<uint32_t> freqs(static_cast<size_t>(ring.slots * rows * k));
+  U32Buffer freqs;  // every slot is written before it is read
+  freqs.resize(static_cast<size_t>(ring.slots * rows * k));
   ring.ready.reset(new std::atomic<int64_t>[static_cast<size_t>(ring.slots)]);
   for (int64_t s = 0; s < ring.slots; ++s) ring.ready[s].store(-1, std::memory_order_relaxed);
   ring.errors.resize(static_cast<size_t>(ring.slots));

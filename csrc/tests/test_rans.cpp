@@ -114,8 +114,8 @@ void test_roundtrips(std::mt19937_64& rng) {
 
 // The threaded float decoder over many row blocks (more than its ring holds): same symbols
 // as encoded for 2, 3 and 8 threads, a bad row reported by its own index, truncated data
-// raising while helpers run. Under the sanitizer build this also checks the ring for races
-// on memory (ASan) and for helpers outliving the call.
+// raising while helpers run. The sanitizer builds check the ring's memory use (ASan) and its
+// synchronisation (TSan), helpers outliving the call included.
 void test_threaded_decode(std::mt19937_64& rng) {
   for (int it = 0; it < 12; ++it) {
     const int64_t k = 2 + static_cast<int64_t>(rng() % 500);
