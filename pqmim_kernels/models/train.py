@@ -147,8 +147,22 @@ def train(
 
     ``images``: optional list of uint8 (3, H, W) tensors instead of ``cfg.data``. ``log``: a
     callable for one-line progress summaries (rank 0 only). Resumes from ``<out>/checkpoint.pt``
-    when it exists (the stored model config then wins over ``model_config``).
+    when it exists (the stored model config then wins over ``model_config``). A
+    ``KeyboardInterrupt`` (Ctrl-C) during a stage saves the checkpoint first, then propagates.
     """
+    hooks: dict = {}
+    try:
+        return _train(cfg, model_config, images, log, hooks)
+    except KeyboardInterrupt:
+        if "save" in hooks:
+            where = hooks["save"]()
+            if where:
+                log(f"interrupted: saved {where}; run the same command again to resume")
+        raise
+
+
+def _train(cfg: TrainConfig, model_config, images, log, hooks: dict) -> PQMIM:
+    """Body of :func:`train`; sets ``hooks["save"]`` once a stage's optimizer exists."""
     from tqdm.auto import tqdm
 
     from pqmim_kernels.models import load_model, save_model
@@ -175,6 +189,8 @@ def train(
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         state = ckpt["state"]
+        if is_main:
+            log(f"resuming from {ckpt_path}: step {state['step']} of stage {state['stage']}")
     if images is None:
         images = load_images(cfg.data, cfg.max_images)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * state["step"])
@@ -206,6 +222,8 @@ def train(
                 str(tmp),
             )
             os.replace(tmp, ckpt_path)
+            return f"{ckpt_path} at step {state['step']} of stage {state['stage']}"
+        return None
 
     def wrap(module):
         if world > 1:
@@ -218,6 +236,7 @@ def train(
         vae = _VAE(model)
         net = wrap(vae)
         opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr1)
+        hooks["save"] = lambda: save_ckpt(opt)
         if ckpt is not None and ckpt["state"]["stage"] == 1:
             opt.load_state_dict(ckpt["opt"])
         model.train()
@@ -292,6 +311,7 @@ def train(
     em.train()
     net = wrap(em)
     opt = torch.optim.AdamW(em.parameters(), lr=cfg.lr2, weight_decay=0.01)
+    hooks["save"] = lambda: save_ckpt(opt)
     if ckpt is not None and ckpt["state"]["stage"] >= 2:
         opt.load_state_dict(ckpt["opt"])
     t0 = time.time() - state["elapsed"]
