@@ -170,3 +170,107 @@ def test_torchrun_two_process_gloo_smoke(tmp_path, data_dir):
     model = load_model(str(out / "model.pt"))
     x = torch.rand(1, 3, 20, 36)
     assert model.decompress(model.compress(x)).shape == (1, 3, 20, 36)
+
+
+# ---- stage 1: held-out split, validation, autoencoder warm-up, seeded runs ----
+
+
+def test_split_holdout_rule():
+    from pqmim_kernels.models.train import split_holdout
+
+    items = list(range(25))
+    kept, held = split_holdout(items, 10)
+    assert held == [9, 19]
+    assert kept == [i for i in items if i not in (9, 19)]
+    assert split_holdout(items, 0) == (items, [])
+    assert split_holdout(items[:3], 10) == (items[:3], [])  # too few for one held-out image
+    assert split_holdout(items[:4], 2) == ([0, 2], [1, 3])
+    for bad in (1, -1, 2.0, True):
+        with pytest.raises(ValueError, match="holdout_every must be 0 or an int >= 2, got"):
+            split_holdout(items, bad)
+
+
+def test_validation_psnr_matches_a_direct_computation():
+    from pqmim_kernels.models import PQMIM
+    from pqmim_kernels.models.codec import pad_to_multiple
+    from pqmim_kernels.models.train import validation_psnr
+
+    torch.manual_seed(0)
+    model = PQMIM(TINY).train()
+    imgs = [torch.randint(0, 256, (3, 20, 37), dtype=torch.uint8) for _ in range(2)]
+    got = validation_psnr(model, imgs)
+    assert model.training  # mode restored
+    model.eval()
+    mses = []
+    for img in imgs:
+        x = img[None].float() / 255
+        x_hat = model.decode_codes(model.encode_codes(pad_to_multiple(x)), size=(20, 37))
+        mses.append(float(((x_hat - x) ** 2).mean()))
+    assert got["images"] == 2
+    assert got["psnr"] == pytest.approx(-10 * np.log10(np.mean(mses)), abs=1e-4)
+    assert got["psnr_mean"] == pytest.approx(np.mean([-10 * np.log10(m) for m in mses]), abs=1e-4)
+    ae = validation_psnr(model, imgs, quantize=False)
+    err = []
+    with torch.no_grad():
+        for img in imgs:
+            x = img[None].float() / 255
+            x_hat = model.decoder(model.encoder(pad_to_multiple(x)))[..., :20, :37].clamp(0, 1)
+            err.append(float(((x_hat - x) ** 2).mean()))
+    assert ae["psnr"] == pytest.approx(-10 * np.log10(np.mean(err)), abs=1e-4)
+    with pytest.raises(ValueError, match="validation_psnr: no images"):
+        validation_psnr(model, [])
+
+
+def test_stage1_logs_held_out_psnr_and_warm_up(tmp_path, data_dir):
+    cfg = _cfg(
+        tmp_path,
+        data_dir,
+        stage1_steps=6,
+        holdout_every=2,
+        val_every=3,
+        ae_warmup=0.4,
+        kmeans_batches=3,
+        channels_last=True,
+        budget_clock="cpu",
+        stage1_only=True,
+    )
+    model = train(cfg, TINY, log=lambda s: None)
+    assert not model.training and bool(model.quantizer.initted)
+    assert not (tmp_path / "run" / "model.pt").exists()
+    log = _log(tmp_path)
+    steps = [e for e in log if "psnr" in e]
+    # steps 1-3 (progress 0, 1/6, 2/6 < 0.4) without the PQ, then with it
+    assert [e["pq"] for e in steps] == [False] * 3 + [True] * 3
+    assert all(0 <= e["unused_frac"] <= 1 and e["cpu_s"] >= 0 for e in steps)
+    val = [e for e in log if "val_psnr" in e or "val_psnr_ae" in e]
+    # at step 3 (AE, also serving as the one before the switch-on), at the end (quantized)
+    assert [(e["step"], "val_psnr" in e) for e in val] == [(3, False), (6, True)]
+    assert all(e["val_images"] == 2 for e in val) and np.isfinite(val[-1]["val_psnr"])
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ck["state"]["stage"] == 2 and ck["state"]["step"] == 0
+    # resuming a finished stage 1 with stage1_only does nothing more
+    train(cfg, TINY, log=lambda s: None)
+    assert len(_log(tmp_path)) == len(log)
+
+
+def test_stage1_option_errors(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="budget_clock must be 'wall' or 'cpu', got 'gpu'"):
+        train(_cfg(tmp_path, data_dir, budget_clock="gpu", stage1_only=True), TINY)
+    with pytest.raises(ValueError, match=r"ae_warmup must lie in \[0, 1\), got 1.0"):
+        train(_cfg(tmp_path, data_dir, ae_warmup=1.0, stage1_only=True), TINY)
+
+
+def test_init_run_then_resume_keeps_the_seeded_architecture(tmp_path, data_dir):
+    from pqmim_kernels.models.train import init_run
+
+    wide = PQMIMConfig(
+        **{**TINY.__dict__, "channels": (8, 8, 8, 16), "res_blocks_8": 1, "attention_blocks": 1}
+    )
+    out = tmp_path / "run"
+    path = init_run(out, wide)
+    assert path == out / "checkpoint.pt"
+    with pytest.raises(FileExistsError, match="exists; resume it or choose another folder"):
+        init_run(out, wide)
+    model = train(_cfg(tmp_path, data_dir, stage1_steps=2, stage1_only=True), TINY)
+    assert model.config == wide
+    assert [e["step"] for e in _log(tmp_path) if "psnr" in e] == [1, 2]

@@ -72,8 +72,8 @@ class PQMIM(nn.Module):
         from pqmim_kernels.nn import ProductQuantizer
 
         self.config = config = config or PQMIMConfig()
-        self.encoder = Encoder(config.channels, config.latent_dim, config.res_blocks)
-        self.decoder = Decoder(config.channels, config.latent_dim, config.res_blocks)
+        self.encoder = Encoder.from_config(config)
+        self.decoder = Decoder.from_config(config)
         self.quantizer = ProductQuantizer(
             config.latent_dim,
             config.num_subspaces,

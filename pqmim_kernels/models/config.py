@@ -7,6 +7,11 @@ import json
 
 __all__ = ["PQMIMConfig"]
 
+# Fields added after the first bundled model: left out of ``to_json`` (hence of the model id)
+# while they hold their default, so models trained before they existed keep their model id and
+# every ``.pqm`` file written with them still decodes.
+_OMIT_WHEN_DEFAULT = ("res_blocks_8", "attention_blocks", "stem", "latent_norm")
+
 
 @dataclasses.dataclass(frozen=True)
 class PQMIMConfig:
@@ -21,6 +26,20 @@ class PQMIMConfig:
       of ``1 / logit_grid`` before the float64 softmax, so tiny float differences between runs
       rarely change the integer CDFs (PQMIM.md §5).
     - ``commitment``: β of the commitment loss.
+
+    PQ-VAE architecture (:mod:`pqmim_kernels.models.pqvae`; the defaults are the original
+    design, layer for layer, so weight files written before these fields existed load as is):
+
+    - ``res_blocks_8``: residual blocks at stride 8 on each side (default 0).
+    - ``attention_blocks``: self-attention blocks (64-dim heads, MLP ratio 2) at stride 16 on
+      each side, over all h·w tokens of the image (default 0). Needs ``channels[3]`` < 64 or a
+      multiple of 64.
+    - ``stem``: the full-resolution layer: ``"conv"`` (5×5 stride-2 conv; the decoder ends in a
+      4×4 stride-2 transposed conv, default) or ``"unshuffle"`` (PixelUnshuffle(2) then a 3×3
+      conv; the decoder ends in a 3×3 conv and PixelShuffle(2)).
+    - ``latent_norm``: per-token normalisation of the latent before the quantizer: ``"layer"``
+      (LayerNorm over D, default) or ``"l2"`` (each of the M sub-vectors scaled to norm
+      ``sqrt(D / M)``: cosine-like lookups per sub-space).
     """
 
     channels: tuple[int, int, int, int] = (32, 64, 96, 128)
@@ -35,6 +54,11 @@ class PQMIMConfig:
     stages: int = 10
     logit_grid: int = 64
     commitment: float = 0.25
+    # PQ-VAE architecture (defaults = the original design)
+    res_blocks_8: int = 0
+    attention_blocks: int = 0
+    stem: str = "conv"
+    latent_norm: str = "layer"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -44,6 +68,21 @@ class PQMIMConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"PQMIMConfig: {name} must be a positive int, got {v!r}")
+        for name in ("res_blocks", "res_blocks_8", "attention_blocks"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"PQMIMConfig: {name} must be an int >= 0, got {v!r}")
+        if self.attention_blocks and self.channels[3] >= 64 and self.channels[3] % 64:
+            raise ValueError(
+                f"PQMIMConfig: attention blocks need channels[3] < 64 or a multiple of 64 "
+                f"(64-dim heads), got {self.channels[3]}"
+            )
+        if self.stem not in ("conv", "unshuffle"):
+            raise ValueError(f"PQMIMConfig: stem must be 'conv' or 'unshuffle', got {self.stem!r}")
+        if self.latent_norm not in ("layer", "l2"):
+            raise ValueError(
+                f"PQMIMConfig: latent_norm must be 'layer' or 'l2', got {self.latent_norm!r}"
+            )
         if self.latent_dim % self.num_subspaces:
             raise ValueError(
                 f"PQMIMConfig: latent_dim {self.latent_dim} is not a multiple of num_subspaces "
@@ -69,7 +108,13 @@ class PQMIMConfig:
         return self.num_subspaces * math.log2(self.codebook_size) / 256.0
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """Canonical JSON of the config (hashed into the model id); fields of
+        ``_OMIT_WHEN_DEFAULT`` at their default are left out."""
+        d = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.name in _OMIT_WHEN_DEFAULT and d[f.name] == f.default:
+                del d[f.name]
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> PQMIMConfig:

@@ -10,6 +10,12 @@ in memory as uint8. Stage 2 encodes every image (and its mirror) once with the f
 draws random token windows of ``crop / 16`` tokens from those code grids, which is the same
 distribution as encoding 16-aligned crops and costs no conv work per step.
 
+Held-out data (stage 1): every ``holdout_every``-th image of the sorted list is left out of
+training (both stages) and the PQ-VAE's PSNR on those whole images is logged (``val_psnr``) every
+``val_every`` steps and at the end of stage 1, outside the time budget; architectures are chosen
+on it, never on Kodak. Optional autoencoder warm-up: the first ``ae_warmup`` fraction of stage 1
+trains without the quantizer, then the codebooks are k-means-initialised from the latents.
+
 Runs on one CPU/GPU, or under ``torchrun`` (DistributedDataParallel; gloo on CPU, nccl on CUDA);
 bf16 autocast on CUDA. Budgets are steps and/or minutes per stage; the learning rate follows a
 cosine decay over whichever runs out first. Checkpoints (``<out>/checkpoint.pt``) resume.
@@ -60,6 +66,14 @@ class TrainConfig:
     device: str = "auto"
     max_images: int = 0  # 0 = all
     progress: bool = True
+    # -- stage 1 (PQ-VAE) --
+    holdout_every: int = 10  # every Nth image in sorted order is held out (0 = none)
+    val_every: int = 500  # held-out PSNR every N stage-1 steps and at the end (0 = end only)
+    ae_warmup: float = 0.0  # stage-1 budget fraction trained without the PQ (then k-means init)
+    kmeans_batches: int = 8  # batches of latents for that k-means init
+    channels_last: bool = False  # stage-1 convs in channels_last memory format
+    budget_clock: str = "wall"  # "wall" | "cpu": what --stage1-minutes counts (cpu = process)
+    stage1_only: bool = False  # stop after stage 1 (checkpoint at stage 2, step 0; no model.pt)
 
 
 def load_images(folder: str | os.PathLike, max_images: int = 0) -> list[torch.Tensor]:
@@ -113,8 +127,13 @@ class _VAE(nn.Module):
         self.encoder, self.quantizer, self.decoder = model.encoder, model.quantizer, model.decoder
         self._model = [model]  # not a sub-module
 
-    def forward(self, x):
-        q, codes, vq_loss = self._model[0].quantize(self.encoder(x).permute(0, 2, 3, 1))
+    def forward(self, x, quantize: bool = True):
+        """x (B, 3, H, W) -> ``(x_hat, codes (B, h, w, M) or None, vq_loss)``; with
+        ``quantize=False`` the latent goes to the decoder as is (autoencoder warm-up)."""
+        y = self.encoder(x)
+        if not quantize:
+            return self.decoder(y), None, y.new_zeros(())
+        q, codes, vq_loss = self._model[0].quantize(y.permute(0, 2, 3, 1))
         x_hat = self.decoder(q.permute(0, 3, 1, 2))
         return x_hat, codes, vq_loss
 
@@ -139,6 +158,200 @@ def _lr_factor(progress: float, step: int, warmup: int) -> float:
     return warm * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
+def split_holdout(images: list, every: int) -> tuple[list, list]:
+    """Deterministic held-out split: ``(train, held_out)`` where image ``i`` (in the sorted order
+    of :func:`load_images`) is held out when ``i % every == every - 1`` (every ``every``-th
+    image: 54 of the 549 photos of ``shared/data/train`` at ``every=10``). ``every=0``, or too
+    few images for one of each, holds nothing out."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0 or every == 1:
+        raise ValueError(f"train: holdout_every must be 0 or an int >= 2, got {every!r}")
+    if every == 0 or len(images) < every:
+        return list(images), []
+    held = [img for i, img in enumerate(images) if i % every == every - 1]
+    kept = [img for i, img in enumerate(images) if i % every != every - 1]
+    return kept, held
+
+
+@torch.no_grad()
+def validation_psnr(model: PQMIM, images: list, quantize: bool = True) -> dict:
+    """Reconstruction quality of ``model`` (eval mode) on whole uint8 (3, H, W) images.
+
+    Each image is edge-padded to a multiple of 16, coded (``quantize=False``: the unquantized
+    latent goes to the decoder) and cropped back; the output is clamped to [0, 1] as the codec
+    does. Returns ``{"psnr": PSNR of the mean MSE over all pixels of all images, "psnr_mean":
+    mean of per-image PSNRs, "images": count}`` (dB; MSE on a [0, 1] scale). The model's
+    training mode is restored afterwards.
+    """
+    if not images:
+        raise ValueError("validation_psnr: no images")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sq, px, per = 0.0, 0, []
+    try:
+        for img in images:
+            x = img[None].float().div(255.0).to(device)
+            y = model.encoder(pad_to_multiple(x))
+            if quantize:
+                y = model.quantize(y.permute(0, 2, 3, 1))[0].permute(0, 3, 1, 2)
+            x_hat = model.decoder(y)[..., : x.shape[2], : x.shape[3]].clamp(0.0, 1.0)
+            err = float(((x_hat.float() - x) ** 2).sum())
+            n = x.numel()
+            sq, px = sq + err, px + n
+            per.append(-10 * math.log10(max(err / n, 1e-10)))
+    finally:
+        model.train(was_training)
+    return {
+        "psnr": -10 * math.log10(max(sq / px, 1e-10)),
+        "psnr_mean": sum(per) / len(per),
+        "images": len(images),
+    }
+
+
+def init_run(out: str | os.PathLike, model_config: PQMIMConfig, seed: int = 0) -> Path:
+    """Create ``<out>/checkpoint.pt`` for a fresh model of ``model_config`` at step 0 of stage 1
+    (no optimizer state), so that ``pqmim train --out <out>`` trains a model whose config the
+    command line cannot express (a resumed run takes the stored config). Raises
+    ``FileExistsError`` when the checkpoint exists."""
+    path = Path(out) / "checkpoint.pt"
+    if path.exists():
+        raise FileExistsError(f"init_run: {path} exists; resume it or choose another folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = PQMIM(model_config)
+    cfgd = dataclasses.asdict(model_config)
+    cfgd["channels"] = list(cfgd["channels"])
+    state = {"stage": 1, "step": 0, "elapsed": 0.0}
+    torch.save({"config": cfgd, "model": model.state_dict(), "opt": None, "state": state}, path)
+    return path
+
+
+def _code_usage(counts: torch.Tensor) -> dict:
+    """Usage of the code histogram (M, K) summed over a logging interval."""
+    p = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    ppl = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum(-1))
+    return {
+        "interval_ppl_mean": float(ppl.mean()),
+        "unused_frac": float((counts == 0).float().mean()),
+    }
+
+
+def _kmeans_switch_on(model: PQMIM, vae, cfg: TrainConfig, images, gen, device) -> None:
+    """Switch the PQ on after the autoencoder warm-up: k-means init of the codebooks from the
+    latents of ``cfg.kmeans_batches`` fresh batches (one training-mode call of the quantizer on
+    all of them: k-means++ and Lloyd, then the first EMA update)."""
+    lat = []
+    with torch.no_grad():
+        for _ in range(max(1, cfg.kmeans_batches)):
+            x = _random_crops(images, cfg.crop, cfg.batch_size, gen).to(device)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            lat.append(vae.encoder(x).permute(0, 2, 3, 1).reshape(-1, model.config.latent_dim))
+        model.quantizer(torch.cat(lat).float().contiguous())
+
+
+def _stage1(cfg, model, vae, net, opt, state, images, val_images, gen, device, record, save,
+            is_main) -> None:  # fmt: skip
+    """The stage-1 loop (PQ-VAE): MSE + the quantizer's loss, optional autoencoder warm-up,
+    held-out validation (excluded from the time budget), checkpoints."""
+    from tqdm.auto import tqdm
+
+    if cfg.budget_clock not in ("wall", "cpu"):
+        raise ValueError(f"train: budget_clock must be 'wall' or 'cpu', got {cfg.budget_clock!r}")
+    if not 0.0 <= cfg.ae_warmup < 1.0:
+        raise ValueError(f"train: ae_warmup must lie in [0, 1), got {cfg.ae_warmup}")
+    clock = time.process_time if cfg.budget_clock == "cpu" else time.time
+    autocast = device.type == "cuda"
+    model.train()
+    t0 = clock() - state["elapsed"]
+    c0 = time.process_time() - state.get("cpu_s", 0.0)
+    bar = tqdm(
+        total=cfg.stage1_steps,
+        initial=state["step"],
+        desc="stage 1 (PQ-VAE)",
+        disable=not (is_main and cfg.progress),
+    )
+    m, k = model.config.num_subspaces, model.config.codebook_size
+    acc = {"mse": 0.0, "n": 0, "counts": torch.zeros(m, k)}
+
+    last_val = [-1]
+
+    def validate(quantized: bool) -> None:
+        nonlocal t0, c0
+        if not (is_main and val_images) or last_val[0] == state["step"]:
+            return
+        last_val[0] = state["step"]
+        w, c = clock(), time.process_time()
+        v = validation_psnr(model, val_images, quantize=quantized)
+        key = "val_psnr" if quantized else "val_psnr_ae"
+        record({"stage": 1, "step": state["step"], "time_s": round(state["elapsed"], 1),
+                "cpu_s": round(state["cpu_s"], 1), key: v["psnr"], key + "_mean": v["psnr_mean"],
+                "val_images": v["images"]})  # fmt: skip
+        t0, c0 = t0 + (clock() - w), c0 + (time.process_time() - c)  # not in the budget
+
+    state.setdefault("cpu_s", 0.0)
+    while True:
+        elapsed = clock() - t0
+        progress = max(
+            state["step"] / max(1, cfg.stage1_steps),
+            elapsed / (60 * cfg.stage1_minutes) if cfg.stage1_minutes else 0.0,
+        )
+        if progress >= 1.0:
+            break
+        quantize = bool(model.quantizer.initted) or progress >= cfg.ae_warmup
+        if quantize and cfg.ae_warmup > 0 and not bool(model.quantizer.initted):
+            validate(False)
+            _kmeans_switch_on(model, vae, cfg, images, gen, device)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr1 * _lr_factor(progress, state["step"], cfg.warmup)
+        x = _random_crops(images, cfg.crop, cfg.batch_size, gen).to(device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            x_hat, codes, vq_loss = net(x, quantize)
+            mse = F.mse_loss(x_hat.float(), x)
+            loss = mse + vq_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        state["step"] += 1
+        state["elapsed"] = clock() - t0
+        state["cpu_s"] = time.process_time() - c0
+        acc["mse"] += float(mse.detach())
+        acc["n"] += 1
+        if codes is not None:
+            acc["counts"] += model.quantizer._counts(codes.detach()).cpu()
+        bar.update(1)
+        if state["step"] % cfg.log_every == 0:
+            mse_avg = acc["mse"] / acc["n"]
+            stats = model.quantizer.codebook_stats()
+            ppl = stats["perplexity"].tolist()
+            entry = {
+                "stage": 1,
+                "step": state["step"],
+                "time_s": round(state["elapsed"], 1),
+                "cpu_s": round(state["cpu_s"], 1),
+                "mse": mse_avg,
+                "psnr": -10 * math.log10(max(mse_avg, 1e-10)),
+                "pq": quantize,
+                "vq_loss": float(vq_loss.detach()),
+                "ppl_min": min(ppl),
+                "ppl_mean": sum(ppl) / len(ppl),
+                "dead_frac": float(stats["dead_fraction"].mean()),
+                **_code_usage(acc["counts"]),
+                "lr": opt.param_groups[0]["lr"],
+            }
+            bar.set_postfix(psnr=f"{entry['psnr']:.2f}", ppl=f"{entry['ppl_mean']:.0f}")
+            record(entry)
+            acc = {"mse": 0.0, "n": 0, "counts": torch.zeros(m, k)}
+        if cfg.val_every and state["step"] % cfg.val_every == 0:
+            validate(quantize)
+        if state["step"] % cfg.ckpt_every == 0:
+            save()
+    bar.close()
+    validate(bool(model.quantizer.initted))
+
+
 def train(
     cfg: TrainConfig, model_config: PQMIMConfig | None = None, images=None, log=print
 ) -> PQMIM:
@@ -149,6 +362,8 @@ def train(
     callable for one-line progress summaries (rank 0 only). Resumes from ``<out>/checkpoint.pt``
     when it exists (the stored model config then wins over ``model_config``). A
     ``KeyboardInterrupt`` (Ctrl-C) during a stage saves the checkpoint first, then propagates.
+    With ``cfg.stage1_only`` it returns the in-memory model (eval mode) after stage 1 and
+    writes no ``model.pt``.
     """
     hooks: dict = {}
     try:
@@ -193,6 +408,7 @@ def _train(cfg: TrainConfig, model_config, images, log, hooks: dict) -> PQMIM:
             log(f"resuming from {ckpt_path}: step {state['step']} of stage {state['stage']}")
     if images is None:
         images = load_images(cfg.data, cfg.max_images)
+    images, val_images = split_holdout(images, cfg.holdout_every)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * state["step"])
     autocast = device.type == "cuda"
     logfile = out / "log.jsonl"
@@ -234,68 +450,19 @@ def _train(cfg: TrainConfig, model_config, images, log, hooks: dict) -> PQMIM:
     # ---- stage 1: PQ-VAE ----
     if state["stage"] == 1:
         vae = _VAE(model)
-        net = wrap(vae)
+        if cfg.channels_last:
+            vae.to(memory_format=torch.channels_last)
         opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr1)
         hooks["save"] = lambda: save_ckpt(opt)
-        if ckpt is not None and ckpt["state"]["stage"] == 1:
+        if ckpt is not None and ckpt["state"]["stage"] == 1 and ckpt.get("opt"):
             opt.load_state_dict(ckpt["opt"])
-        model.train()
-        t0 = time.time() - state["elapsed"]
-        bar = tqdm(
-            total=cfg.stage1_steps,
-            initial=state["step"],
-            desc="stage 1 (PQ-VAE)",
-            disable=not (is_main and cfg.progress),
-        )
-        acc = {"mse": 0.0, "n": 0}
-        while True:
-            elapsed = time.time() - t0
-            progress = max(
-                state["step"] / max(1, cfg.stage1_steps),
-                elapsed / (60 * cfg.stage1_minutes) if cfg.stage1_minutes else 0.0,
-            )
-            if progress >= 1.0:
-                break
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr1 * _lr_factor(progress, state["step"], cfg.warmup)
-            x = _random_crops(images, cfg.crop, cfg.batch_size, gen).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                x_hat, codes, vq_loss = net(x)
-                mse = F.mse_loss(x_hat.float(), x)
-                loss = mse + vq_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            state["step"] += 1
-            state["elapsed"] = time.time() - t0
-            acc["mse"] += float(mse.detach())
-            acc["n"] += 1
-            bar.update(1)
-            if state["step"] % cfg.log_every == 0:
-                m = acc["mse"] / acc["n"]
-                stats = model.quantizer.codebook_stats()
-                ppl = stats["perplexity"].tolist()
-                entry = {
-                    "stage": 1,
-                    "step": state["step"],
-                    "time_s": round(state["elapsed"], 1),
-                    "mse": m,
-                    "psnr": -10 * math.log10(max(m, 1e-10)),
-                    "vq_loss": float(vq_loss.detach()),
-                    "ppl_min": min(ppl),
-                    "ppl_mean": sum(ppl) / len(ppl),
-                    "dead_frac": float(stats["dead_fraction"].mean()),
-                    "lr": opt.param_groups[0]["lr"],
-                }
-                bar.set_postfix(psnr=f"{entry['psnr']:.2f}", ppl=f"{entry['ppl_mean']:.0f}")
-                record(entry)
-                acc = {"mse": 0.0, "n": 0}
-            if state["step"] % cfg.ckpt_every == 0:
-                save_ckpt(opt)
-        bar.close()
+        _stage1(cfg, model, vae, wrap(vae), opt, state, images, val_images, gen, device,
+                record, lambda: save_ckpt(opt), is_main)  # fmt: skip
         state.update(stage=2, step=0, elapsed=0.0)
         save_ckpt(opt)
         ckpt = None
+    if cfg.stage1_only:  # the PQ-VAE alone; a later run without the flag resumes at stage 2
+        return model.eval()
 
     # ---- stage 2: MIM entropy model on frozen codes ----
     model.eval()
