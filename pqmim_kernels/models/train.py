@@ -74,6 +74,7 @@ class TrainConfig:
     channels_last: bool = False  # stage-1 convs in channels_last memory format
     budget_clock: str = "wall"  # "wall" | "cpu": what --stage1-minutes counts (cpu = process)
     stage1_only: bool = False  # stop after stage 1 (checkpoint at stage 2, step 0; no model.pt)
+    compile: bool = False  # torch.compile the stage-1 network
 
 
 def load_images(folder: str | os.PathLike, max_images: int = 0) -> list[torch.Tensor]:
@@ -101,8 +102,9 @@ def load_images(folder: str | os.PathLike, max_images: int = 0) -> list[torch.Te
 
 def _random_crops(images, crop: int, batch: int, gen: torch.Generator) -> torch.Tensor:
     """(batch, 3, crop, crop) float32 in [0, 1]: random images, positions and h-flips.
-    Images smaller than the crop are edge-replicated first."""
-    out = torch.empty(batch, 3, crop, crop)
+    Images smaller than the crop are edge-replicated first. The crops are made on the images'
+    device (training data held on a GPU is cropped there)."""
+    out = torch.empty(batch, 3, crop, crop, device=images[0].device)
     for i in range(batch):
         img = images[int(torch.randint(len(images), (1,), generator=gen))]
         _, h, w = img.shape
@@ -456,7 +458,8 @@ def _train(cfg: TrainConfig, model_config, images, log, hooks: dict) -> PQMIM:
         hooks["save"] = lambda: save_ckpt(opt)
         if ckpt is not None and ckpt["state"]["stage"] == 1 and ckpt.get("opt"):
             opt.load_state_dict(ckpt["opt"])
-        _stage1(cfg, model, vae, wrap(vae), opt, state, images, val_images, gen, device,
+        net = torch.compile(wrap(vae)) if cfg.compile else wrap(vae)
+        _stage1(cfg, model, vae, net, opt, state, images, val_images, gen, device,
                 record, lambda: save_ckpt(opt), is_main)  # fmt: skip
         state.update(stage=2, step=0, elapsed=0.0)
         save_ckpt(opt)
