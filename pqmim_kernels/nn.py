@@ -2,88 +2,261 @@
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import torch
 from torch import nn
 
 # ---- product quantization (issue: pq_assign / ProductQuantizer) ----
 
+#: ``return_loss_breakdown=True`` returns this 4th value, with vector-quantize-pytorch's fields:
+#: ``commitment`` is the unweighted commitment MSE; the other three are always 0 here.
+LossBreakdown = namedtuple(
+    "LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"]
+)
+
+#: At most this many points per codeword enter the k-means initialisation (a random subsample of
+#: the first batch's valid sub-vectors), so the init costs O(64·K²·D·(kmeans_iters + 1)) however
+#: large the batch. 64 points per code is plenty to seed codebooks that the EMA then refines.
+KMEANS_MAX_POINTS_PER_CODE = 64
+
+# Defaults of the two calling forms (see the class docstring).
+_PQ_DEFAULTS = dict(
+    decay=0.99, commitment_weight=0.25, kmeans_init=True, threshold_ema_dead_code=2.0
+)
+_VQ_DEFAULTS = dict(decay=0.8, commitment_weight=1.0, kmeans_init=False, threshold_ema_dead_code=0)
+
+# VectorQuantize options with no product-quantizer counterpart here: name -> (the only value
+# accepted, i.e. VectorQuantize's default, which means "off"; why).
+_UNSUPPORTED_OPTIONS = {
+    "use_cosine_sim": (False, "codebooks are Euclidean"),
+    "layernorm_after_project_in": (False, "there is no input projection"),
+    "accept_3d_fmap": (False, "reshape (B, C, D, H, W) to (B, C, D·H, W) first"),
+    "commitment_use_cross_entropy_loss": (False, "the commitment loss is the MSE"),
+    "orthogonal_reg_weight": (0.0, "no orthogonal regularisation"),
+    "orthogonal_reg_active_codes_only": (False, "no orthogonal regularisation"),
+    "orthogonal_reg_max_codes": (None, "no orthogonal regularisation"),
+    "codebook_diversity_loss_weight": (0.0, "no codebook diversity loss"),
+    "codebook_diversity_temperature": (100.0, "no codebook diversity loss"),
+    "stochastic_sample_codes": (False, "assignment is the deterministic argmin"),
+    "sample_codebook_temp": (1.0, "assignment is the deterministic argmin"),
+    "straight_through": (False, "no stochastic sampling to pass gradients through"),
+    "directional_reparam": (False, "gradients use straight-through or the rotation trick"),
+    "directional_reparam_variance": (5e-3, "no directional reparametrisation"),
+    "sync_kmeans": (True, "the k-means init is always synchronised (rank 0 broadcasts)"),
+    "ema_update": (True, "codebooks are always learned by EMA"),
+    "learnable_codebook": (False, "codebooks are buffers learned by EMA, not parameters"),
+    "vq_bridge": (None, "codebooks are buffers learned by EMA, not parameters"),
+    "manual_ema_update": (False, "the EMA step runs inside forward"),
+    "in_place_codebook_optimizer": (None, "codebooks are buffers learned by EMA"),
+    "manual_in_place_optimizer_update": (False, "codebooks are buffers learned by EMA"),
+    "affine_param": (False, "no affine re-parametrisation of the codebooks"),
+    "sync_affine_param": (False, "no affine re-parametrisation of the codebooks"),
+    "affine_param_batch_decay": (0.99, "no affine re-parametrisation of the codebooks"),
+    "affine_param_codebook_decay": (0.9, "no affine re-parametrisation of the codebooks"),
+    "sync_update_v": (0.0, "codebooks are buffers learned by EMA"),
+    "route_gradients_to_input": (True, "gradients always reach the input"),
+}
+# ``forward`` keywords of VectorQuantize with no counterpart: name -> the value meaning "off".
+_UNSUPPORTED_CALL_OPTIONS = {
+    "indices": None,
+    "topk": None,
+    "sample_codebook_temp": None,
+    "codebook_transform_fn": None,
+    "ema_update_weight": None,
+    "accum_ema_update": False,
+    "ema_update": None,
+}
+
 
 class ProductQuantizer(nn.Module):
     """Product-quantizer bottleneck with EMA codebooks: ``quantized, indices, loss = pq(x)``.
 
-    A drop-in for ``vector_quantize_pytorch.VectorQuantize(dim, codebook_size, heads=M,
-    separate_codebook_per_head=True, codebook_dim=dim // M)`` in a training loop (same call and
-    return convention, same ``get_output_from_indices``), with the assignment done by
-    :func:`pqmim_kernels.functional.pq_assign` (Triton on CUDA).
+    A drop-in for ``vector_quantize_pytorch.VectorQuantize`` with separate codebooks per head
+    (a product quantizer) in a training loop: same constructor keywords, call keywords, return
+    values and helper methods, with the assignment done by
+    :func:`pqmim_kernels.functional.pq_assign` (Triton on CUDA). Two calling forms:
 
-    Shapes (D = ``dim``, M = ``num_subspaces``, K = ``codebook_size``, d = D / M):
+    - ours: ``ProductQuantizer(dim, num_subspaces, codebook_size, ...)``; indices always end in
+      an M axis; defaults ``decay=0.99, commitment_weight=0.25, kmeans_init=True,
+      threshold_ema_dead_code=2, rotation_trick=False`` (what the PQ-MIM model trains with).
+    - VectorQuantize's: ``ProductQuantizer(dim, codebook_size, heads=M,
+      separate_codebook_per_head=True, codebook_dim=dim // M, ...)`` (``codebook_size`` as the
+      second positional or a keyword, no ``num_subspaces``); every default is VectorQuantize's
+      (``decay=0.8, commitment_weight=1, kmeans_init=False, threshold_ema_dead_code=0,
+      rotation_trick=True`` for dim > 1, ``heads=1``) and with ``heads=1`` the indices have no M
+      axis, as there. ``codebook_dim`` defaults to ``dim // heads`` and must equal it: this class
+      has no learned projections (VectorQuantize adds ``project_in``/``project_out`` when
+      ``codebook_dim · heads != dim``; put an ``nn.Linear`` on each side instead). ``heads > 1``
+      needs ``separate_codebook_per_head=True`` (a shared codebook is not a product quantizer).
+
+    VectorQuantize options that have no meaning for this quantizer (cosine similarity,
+    orthogonal or diversity losses, learnable or affine codebooks, stochastic sampling, top-k,
+    ...) raise ``ValueError`` naming the option when set to anything but their "off" default.
+
+    Shapes (D = ``dim``, M = ``num_subspaces`` = ``heads``, K = ``codebook_size``, d = D / M):
 
     - default: x (..., D), e.g. (B, N, D) or (B, D) -> quantized like x, indices (..., M) int64.
     - ``accept_image_fmap=True``: x (B, D, H, W) -> quantized (B, D, H, W), indices (B, H, W, M).
     - ``channel_last=False``: x (B, D, N) -> quantized (B, D, N), indices (B, N, M).
 
-    ``loss`` is the 0-d commitment loss ``commitment_weight · mean((x − sg(x̂))²)`` (computed in
-    eval mode too, unlike vector-quantize-pytorch which returns 0 there). ``quantized`` equals
-    the codewords in the forward pass and passes gradients straight through to ``x``.
+    ``forward(x, mask=None, lens=None, freeze_codebook=None, return_loss_breakdown=False)``:
+    ``mask`` bool (B, N) (any shape of x's token axes) marks the valid tokens, or ``lens`` (B,)
+    the valid prefix length of each (B, N, D) sequence. Padding tokens take no part in the
+    k-means init, the EMA statistics, dead-code re-seeding or the loss; their ``quantized`` is 0
+    (or x itself with ``return_zeros_for_masked_padding=False``) and their indices are -1.
+    ``freeze_codebook=True`` (here or in the constructor) skips the EMA and dead-code updates.
+    ``return_loss_breakdown=True`` adds a 4th value, :data:`LossBreakdown`.
+
+    ``loss`` is the 0-d commitment loss ``commitment_weight · mean((x − sg(x̂))²)`` over the
+    valid tokens (computed in eval mode too, unlike vector-quantize-pytorch which returns 0
+    there). ``quantized`` equals the codewords in the forward pass, bit for bit; gradients reach
+    ``x`` straight through, or with ``rotation_trick=True`` rotated and scaled per sub-vector by
+    the rotation that takes x to its codeword (Fifty et al., 2024), as in VectorQuantize.
 
     Training (``self.training``): on the first batch the codebooks are initialised by k-means
-    (``kmeans_init``); every step updates them by an exponential moving average (``decay``) of
-    the assigned counts and sums, with Laplace smoothing (``eps``) of the counts; codes whose EMA
-    count falls below ``threshold_ema_dead_code`` are re-seeded from random sub-vectors of the
-    current batch. Under an initialised ``torch.distributed`` group (world size > 1) the
-    statistics are all-reduced and the k-means init and re-seeded codewords are broadcast from
-    rank 0, so replicas keep identical codebooks. In eval mode nothing changes.
+    (``kmeans_init``; k-means++ seeding, ``kmeans_iters`` Lloyd steps) on at most
+    :data:`KMEANS_MAX_POINTS_PER_CODE` · K randomly drawn valid sub-vectors; every step updates
+    them by an exponential moving average (``decay``) of the assigned counts and sums, with
+    Laplace smoothing (``eps``) of the counts; codes whose EMA count falls below
+    ``threshold_ema_dead_code`` are re-seeded from random sub-vectors of the current batch
+    (also on demand: :meth:`expire_codes_`). Under an initialised ``torch.distributed`` group
+    (world size > 1) the statistics are all-reduced and the k-means init and re-seeded codewords
+    are broadcast from rank 0, so replicas keep identical codebooks. In eval mode nothing changes
+    (no k-means init either, unlike vector-quantize-pytorch). A training batch without any valid
+    token changes nothing (single process).
 
     Logging: :meth:`codebook_stats` returns per-sub-space perplexity and usage.
 
+    State dict keys: ``embed`` (M, K, d), ``cluster_size`` (M, K), ``embed_avg`` (M, K, d),
+    ``initted`` () bool, in both forms.
+
     Args:
-        dim: D, divisible by ``num_subspaces``.
-        num_subspaces: M.
+        dim: D, divisible by M.
+        num_subspaces: M (ours; VectorQuantize's name is ``heads``).
         codebook_size: K.
+        heads, codebook_dim, separate_codebook_per_head: VectorQuantize's spelling of M and d.
         decay: EMA decay in (0, 1).
         eps: Laplace smoothing pseudo-count (> 0).
         commitment_weight: β of the commitment loss (≥ 0).
         kmeans_init: initialise the codebooks by k-means on the first training batch.
         kmeans_iters: Lloyd iterations of that initialisation.
         threshold_ema_dead_code: EMA count under which a code is re-seeded (0 disables).
+        rotation_trick: rotation-trick gradients instead of straight-through.
+        freeze_codebook: never update the codebooks after the k-means init.
         accept_image_fmap: take (B, D, H, W) feature maps.
         channel_last: with False, take (B, D, N).
-        sync_distributed: all-reduce statistics; ``None`` = when a process group is initialised.
+        return_zeros_for_masked_padding: ``quantized`` of padding tokens is 0 (else x).
+        sync_distributed: all-reduce statistics; ``None`` = when a process group is initialised
+            (VectorQuantize's name ``sync_codebook`` is accepted too).
         backend: ``"auto" | "triton" | "reference"`` for the assignment and statistics.
     """
 
     def __init__(
         self,
         dim: int,
-        num_subspaces: int,
-        codebook_size: int,
-        *,
-        decay: float = 0.99,
+        *args: int,
+        num_subspaces: int | None = None,
+        codebook_size: int | None = None,
+        heads: int | None = None,
+        codebook_dim: int | None = None,
+        separate_codebook_per_head: bool | None = None,
+        decay: float | None = None,
         eps: float = 1e-5,
-        commitment_weight: float = 0.25,
-        kmeans_init: bool = True,
+        commitment_weight: float | None = None,
+        kmeans_init: bool | None = None,
         kmeans_iters: int = 10,
-        threshold_ema_dead_code: float = 2.0,
+        threshold_ema_dead_code: float | None = None,
+        rotation_trick: bool | None = None,
+        freeze_codebook: bool = False,
         accept_image_fmap: bool = False,
         channel_last: bool = True,
+        return_zeros_for_masked_padding: bool = True,
         sync_distributed: bool | None = None,
+        sync_codebook: bool | None = None,
         backend: str = "auto",
+        **vq_options,
     ):
         super().__init__()
-        for name, value in (
-            ("dim", dim),
-            ("num_subspaces", num_subspaces),
-            ("codebook_size", codebook_size),
-        ):
+        if len(args) > 2:
+            raise TypeError(
+                "ProductQuantizer takes at most 3 positional arguments (dim, num_subspaces, "
+                f"codebook_size), got {1 + len(args)}; pass VectorQuantize's codebook_dim, "
+                "heads, ... by keyword"
+            )
+        if len(args) == 2:  # ours: (dim, num_subspaces, codebook_size)
+            _set_once("num_subspaces", num_subspaces, "positional")
+            _set_once("codebook_size", codebook_size, "positional")
+            num_subspaces, codebook_size = args
+        elif len(args) == 1:  # VectorQuantize's: (dim, codebook_size)
+            _set_once("codebook_size", codebook_size, "positional")
+            codebook_size = args[0]
+        for name, value in vq_options.items():
+            if name not in _UNSUPPORTED_OPTIONS:
+                raise TypeError(f"ProductQuantizer got an unexpected keyword argument {name!r}")
+            off, why = _UNSUPPORTED_OPTIONS[name]
+            if (
+                value is not off
+                and value != off
+                and not (name == "learnable_codebook" and value is None)
+            ):
+                raise ValueError(
+                    f"ProductQuantizer: VectorQuantize option {name}={value!r} is not supported "
+                    f"({why}); leave it at {off!r}"
+                )
+        vq_form = num_subspaces is None
+        if vq_form:
+            m_name, m = "heads", 1 if heads is None else heads
+        else:
+            m_name, m = "num_subspaces", num_subspaces
+            if heads is not None and heads != num_subspaces:
+                raise ValueError(
+                    f"ProductQuantizer: num_subspaces = {num_subspaces} and heads = {heads} "
+                    "name the same M; give one of them"
+                )
+        if codebook_size is None:
+            raise TypeError("ProductQuantizer: missing required argument 'codebook_size'")
+        for name, value in (("dim", dim), (m_name, m), ("codebook_size", codebook_size)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"ProductQuantizer: {name} must be an int, got {value!r}")
             if value < 1:
                 raise ValueError(f"ProductQuantizer: {name} must be ≥ 1, got {value}")
-        if dim % num_subspaces:
+        if dim % m:
+            raise ValueError(f"ProductQuantizer: dim = {dim} must be divisible by {m_name} = {m}")
+        if (
+            m > 1
+            and separate_codebook_per_head is not True
+            and (vq_form or separate_codebook_per_head is False)
+        ):
             raise ValueError(
-                f"ProductQuantizer: dim = {dim} must be divisible by num_subspaces = "
-                f"{num_subspaces}"
+                f"ProductQuantizer: heads = {m} with one shared codebook "
+                "(separate_codebook_per_head=False, VectorQuantize's default) is not a product "
+                "quantizer; pass separate_codebook_per_head=True"
             )
+        if codebook_dim is not None and codebook_dim * m != dim:
+            raise ValueError(
+                f"ProductQuantizer: codebook_dim · {m_name} = {codebook_dim} · {m} must equal "
+                f"dim = {dim}: there are no learned projections (VectorQuantize adds "
+                "project_in/project_out here; put an nn.Linear before and after the quantizer, "
+                f"or use codebook_dim = {dim // m})"
+            )
+        defaults = _VQ_DEFAULTS if vq_form else _PQ_DEFAULTS
+        decay = defaults["decay"] if decay is None else decay
+        commitment_weight = (
+            defaults["commitment_weight"] if commitment_weight is None else commitment_weight
+        )
+        kmeans_init = defaults["kmeans_init"] if kmeans_init is None else kmeans_init
+        if threshold_ema_dead_code is None:
+            threshold_ema_dead_code = defaults["threshold_ema_dead_code"]
+        if rotation_trick is None:
+            rotation_trick = vq_form and dim > 1
+        if sync_codebook is not None:
+            if sync_distributed is not None and sync_distributed != sync_codebook:
+                raise ValueError(
+                    "ProductQuantizer: sync_distributed and sync_codebook (its VectorQuantize "
+                    "name) disagree; give one of them"
+                )
+            sync_distributed = sync_codebook
         if not 0.0 < decay < 1.0:
             raise ValueError(f"ProductQuantizer: decay must lie in (0, 1), got {decay}")
         if eps <= 0:
@@ -97,28 +270,41 @@ class ProductQuantizer(nn.Module):
                 "ProductQuantizer: threshold_ema_dead_code must be ≥ 0, got "
                 f"{threshold_ema_dead_code}"
             )
+        if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 0:
+            raise ValueError(
+                f"ProductQuantizer: kmeans_iters must be an int ≥ 0, got {kmeans_iters!r}"
+            )
         if accept_image_fmap and not channel_last:
             raise ValueError(
                 "ProductQuantizer: accept_image_fmap already implies channel-first (B, D, H, W); "
                 "leave channel_last=True"
             )
         self.dim = dim
-        self.num_subspaces = num_subspaces
+        self.num_subspaces = self.heads = m
         self.codebook_size = codebook_size
-        self.subspace_dim = dim // num_subspaces
+        self.subspace_dim = self.codebook_dim = dim // m
+        self.separate_codebook_per_head = True
+        self.has_projections = False
         self.decay = float(decay)
         self.eps = float(eps)
         self.commitment_weight = float(commitment_weight)
         self.kmeans_init = bool(kmeans_init)
         self.kmeans_iters = int(kmeans_iters)
         self.threshold_ema_dead_code = float(threshold_ema_dead_code)
+        self.rotation_trick = bool(rotation_trick)
+        self.freeze_codebook = bool(freeze_codebook)
         self.accept_image_fmap = bool(accept_image_fmap)
         self.channel_last = bool(channel_last)
+        self.return_zeros_for_masked_padding = bool(return_zeros_for_masked_padding)
         self.sync_distributed = sync_distributed
         self.backend = backend
+        # VectorQuantize with one head returns indices without the head axis.
+        self._drop_head_axis = vq_form and m == 1
 
-        m, k, d = num_subspaces, codebook_size, self.subspace_dim
-        embed = torch.randn(m, k, d)
+        k, d = codebook_size, self.subspace_dim
+        # Small random codewords (kaiming-uniform over (M, K, d), as VectorQuantize): with no
+        # k-means init, codes near the origin are all reachable from the first features.
+        embed = nn.init.kaiming_uniform_(torch.empty(m, k, d))
         self.register_buffer("embed", embed)
         # EMA state; embed == embed_avg / smoothed(cluster_size) after every update.
         self.register_buffer("cluster_size", torch.ones(m, k))
@@ -135,40 +321,102 @@ class ProductQuantizer(nn.Module):
 
     @property
     def codebook(self) -> torch.Tensor:
-        """Alias of :attr:`codebooks` under vector-quantize-pytorch's name."""
+        """Alias of :attr:`codebooks` under vector-quantize-pytorch's name (settable)."""
         return self.embed
 
-    def forward(self, x: torch.Tensor):
-        """Quantize ``x``; returns ``(quantized, indices, loss)`` (see the class docstring)."""
+    @codebook.setter
+    def codebook(self, value: torch.Tensor) -> None:
+        """Replace the codebooks (M, K, d); the EMA sums are rescaled so the next update
+        continues from the new codewords."""
+        if not isinstance(value, torch.Tensor) or value.shape != self.embed.shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"ProductQuantizer.codebook: expected a tensor {tuple(self.embed.shape)}, "
+                f"got {shape}"
+            )
+        with torch.no_grad():
+            self.embed.copy_(value)
+            self.embed_avg.copy_(self.embed * self._smoothed_counts().unsqueeze(-1))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        indices: None = None,
+        mask: torch.Tensor | None = None,
+        lens: torch.Tensor | None = None,
+        *,
+        freeze_codebook: bool | None = None,
+        return_loss_breakdown: bool = False,
+        **vq_call_options,
+    ):
+        """Quantize ``x``; returns ``(quantized, indices, loss)`` (see the class docstring),
+        plus a :data:`LossBreakdown` with ``return_loss_breakdown=True``."""
         from pqmim_kernels import functional as F_pq
 
+        _check_call_options({"indices": indices, **vq_call_options})
         tokens = self._to_tokens(x)
+        valid = self._valid_tokens(tokens, mask, lens)
+        freeze = self.freeze_codebook if freeze_codebook is None else bool(freeze_codebook)
         codes = F_pq.pq_assign(tokens, self.embed, backend=self.backend)
-        if self.training:
-            with torch.no_grad():
+        used = tokens if valid is None else tokens[valid]  # (..., D): the valid tokens
+        with torch.no_grad():
+            if self.training and (used.shape[0] > 0 or self._distributed()):
                 if not bool(self.initted):
-                    self._kmeans_init(tokens)
+                    self._kmeans_init(used)
                     codes = F_pq.pq_assign(tokens, self.embed, backend=self.backend)
-                self._ema_update(tokens, codes)
-        else:
-            with torch.no_grad():
-                self.last_counts.copy_(self._counts(codes))
+                used_codes = codes if valid is None else codes[valid]
+                if freeze:
+                    self.last_counts.copy_(self._counts(used_codes))
+                else:
+                    self._ema_update(used, used_codes)
+            elif not self.training:
+                self.last_counts.copy_(self._counts(codes if valid is None else codes[valid]))
         codewords = self._lookup(codes, tokens.dtype)
-        loss = self.commitment_weight * torch.nn.functional.mse_loss(
-            tokens.float(), codewords.detach().float()
-        )
-        # Exact codewords forward, identity gradient to x (tokens - tokens.detach() == 0).
-        quantized = codewords + (tokens - tokens.detach())
-        return self._from_tokens(quantized), codes, loss
+        used_codewords = codewords if valid is None else codewords[valid]
+        if used.numel():
+            commitment = torch.nn.functional.mse_loss(used.float(), used_codewords.detach().float())
+        else:  # no valid token: nothing to commit
+            commitment = tokens.float().sum() * 0.0
+        loss = self.commitment_weight * commitment
+        if self.rotation_trick:
+            quantized = _rotate_to(tokens, codewords.detach(), self.num_subspaces)
+        else:
+            # Exact codewords forward, identity gradient to x (tokens - tokens.detach() == 0).
+            quantized = codewords + (tokens - tokens.detach())
+        if valid is not None:
+            keep = valid.unsqueeze(-1)
+            pad = torch.zeros_like(tokens) if self.return_zeros_for_masked_padding else tokens
+            quantized = torch.where(keep, quantized, pad)
+            codes = codes.masked_fill(~keep, -1)
+        if self._drop_head_axis:
+            codes = codes.squeeze(-1)
+        out = (self._from_tokens(quantized), codes, loss)
+        if return_loss_breakdown:
+            zero = torch.zeros((), device=loss.device)
+            return (*out, LossBreakdown(commitment, zero, zero, zero))
+        return out
 
-    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Codewords for ``indices`` in the layout ``forward`` returns for ``quantized``.
 
-        ``indices``: (..., M) int64 as returned by ``forward`` ((B, H, W, M) for image maps).
+        ``indices``: (..., M) int64 as returned by ``forward`` ((B, H, W, M) for image maps;
+        without the M axis for the one-head VectorQuantize form). Index -1 (padding, as
+        ``forward`` returns for masked tokens) gives zeros.
         """
         from pqmim_kernels.reference.pq import pq_lookup
 
-        out = pq_lookup(indices, self.embed)
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(
+                "ProductQuantizer.get_codes_from_indices: indices must be a tensor, got "
+                f"{type(indices).__name__}"
+            )
+        if self._drop_head_axis:
+            indices = indices.unsqueeze(-1)
+        pad = indices < 0
+        out = pq_lookup(indices.masked_fill(pad, 0), self.embed)
+        if bool(pad.any()):
+            d = self.subspace_dim
+            out = out.masked_fill(pad.repeat_interleave(d, dim=-1), 0.0)
         if self.accept_image_fmap:
             if out.dim() != 4:
                 raise ValueError(
@@ -179,6 +427,18 @@ class ProductQuantizer(nn.Module):
         if not self.channel_last and out.dim() == 3:
             return out.transpose(1, 2)
         return out
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """The same as :meth:`get_codes_from_indices` (there is no output projection)."""
+        return self.get_codes_from_indices(indices)
+
+    @torch.no_grad()
+    def expire_codes_(self, x: torch.Tensor) -> None:
+        """Re-seed the codes whose EMA count is under ``threshold_ema_dead_code`` from random
+        sub-vectors of ``x`` (any layout ``forward`` takes). Training mode only, as in
+        vector-quantize-pytorch; a no-op with ``threshold_ema_dead_code=0``."""
+        if self.training:
+            self._restart_dead_codes(self._to_tokens(x).reshape(-1, self.dim))
 
     @torch.no_grad()
     def codebook_stats(self) -> dict[str, torch.Tensor]:
@@ -235,6 +495,37 @@ class ProductQuantizer(nn.Module):
             return t.transpose(1, 2)
         return t
 
+    def _valid_tokens(self, tokens, mask, lens) -> torch.Tensor | None:
+        """Bool tensor of ``tokens.shape[:-1]`` (True = valid) from ``mask`` or ``lens``."""
+        if mask is not None and lens is not None:
+            raise ValueError("ProductQuantizer: give mask or lens, not both")
+        if lens is not None:
+            if tokens.dim() != 3:
+                raise ValueError(
+                    "ProductQuantizer: lens needs sequences (B, N, D) (or (B, D, N) with "
+                    f"channel_last=False), got tokens {tuple(tokens.shape)}"
+                )
+            if not isinstance(lens, torch.Tensor) or lens.shape != tokens.shape[:1]:
+                raise ValueError(
+                    f"ProductQuantizer: lens must be a tensor ({tokens.shape[0]},), got "
+                    f"{tuple(lens.shape) if isinstance(lens, torch.Tensor) else lens!r}"
+                )
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            return positions < lens.to(tokens.device).unsqueeze(-1)
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(
+                "ProductQuantizer: mask must be a bool tensor (True = valid token), got "
+                f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}"
+            )
+        if mask.shape != tokens.shape[:-1]:
+            raise ValueError(
+                f"ProductQuantizer: mask must have the token shape {tuple(tokens.shape[:-1])}, "
+                f"got {tuple(mask.shape)}"
+            )
+        return mask.to(tokens.device)
+
     def _lookup(self, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         from pqmim_kernels.reference.pq import pq_lookup
 
@@ -258,20 +549,33 @@ class ProductQuantizer(nn.Module):
         flat = codes.reshape(-1, m) + torch.arange(m, device=codes.device) * k
         return torch.bincount(flat.reshape(-1), minlength=m * k).reshape(m, k).float()
 
+    def _smoothed_counts(self) -> torch.Tensor:
+        # Laplace smoothing keeps the division finite for unused codes while preserving the
+        # total count n: (c + eps) / (n + K·eps) · n.
+        n = self.cluster_size.sum(-1, keepdim=True)
+        return (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
+
     def _kmeans_init(self, tokens: torch.Tensor) -> None:
+        """k-means codebooks from (..., D) ``tokens`` (a random subsample of at most
+        ``KMEANS_MAX_POINTS_PER_CODE · K``); the initial EMA counts are every token's
+        assignment to the final centroids (all ranks' tokens under DDP)."""
+        from pqmim_kernels import functional as F_pq
         from pqmim_kernels.reference.pq import kmeans
 
-        samples = tokens.detach().reshape(-1, self.num_subspaces, self.subspace_dim)
-        centroids, counts = kmeans(samples, self.codebook_size, self.kmeans_iters)
+        flat = tokens.detach().reshape(-1, self.dim)
+        cap = KMEANS_MAX_POINTS_PER_CODE * self.codebook_size
+        sample = flat
+        if flat.shape[0] > cap:
+            sample = flat[torch.randperm(flat.shape[0], device=flat.device)[:cap]]
+        samples = sample.reshape(-1, self.num_subspaces, self.subspace_dim)
+        centroids, _ = kmeans(samples, self.codebook_size, self.kmeans_iters)
         if self._distributed():
             # Every replica takes rank 0's centroids; the initial EMA counts are then the
             # assignments of all ranks' samples to *those* centroids (a rank's own k-means
             # counts belong to its own, discarded centroids).
-            from pqmim_kernels import functional as F_pq
-
             torch.distributed.broadcast(centroids, src=0)
-            local = F_pq.pq_assign(tokens.detach(), centroids, backend=self.backend)
-            counts = self._counts(local)
+        counts = self._counts(F_pq.pq_assign(flat, centroids, backend=self.backend))
+        if self._distributed():
             torch.distributed.all_reduce(counts)
         self.embed.copy_(centroids)
         self.cluster_size.copy_(counts)
@@ -290,11 +594,7 @@ class ProductQuantizer(nn.Module):
             torch.distributed.all_reduce(sums)
         self.cluster_size.lerp_(counts, 1.0 - self.decay)
         self.embed_avg.lerp_(sums, 1.0 - self.decay)
-        # Laplace smoothing keeps the division finite for unused codes while preserving the
-        # total count n: (c + eps) / (n + K·eps) · n.
-        n = self.cluster_size.sum(-1, keepdim=True)
-        smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
-        self.embed.copy_(self.embed_avg / smoothed.unsqueeze(-1))
+        self.embed.copy_(self.embed_avg / self._smoothed_counts().unsqueeze(-1))
         self._restart_dead_codes(tokens)
 
     def _restart_dead_codes(self, tokens: torch.Tensor) -> None:
@@ -305,8 +605,12 @@ class ProductQuantizer(nn.Module):
             return
         m, k, d = self.num_subspaces, self.codebook_size, self.subspace_dim
         samples = tokens.detach().reshape(-1, m, d).float()
-        pick = torch.randint(0, samples.shape[0], (m, k), device=samples.device)
-        candidates = torch.gather(samples.transpose(0, 1), 1, pick.unsqueeze(-1).expand(m, k, d))
+        if samples.shape[0]:
+            pick = torch.randint(0, samples.shape[0], (m, k), device=samples.device)
+            index = pick.unsqueeze(-1).expand(m, k, d)
+            candidates = torch.gather(samples.transpose(0, 1), 1, index)
+        else:  # no sample on this rank: keep the codewords (rank 0's broadcast still decides)
+            candidates = self.embed.clone()
         if self._distributed():
             torch.distributed.broadcast(candidates, src=0)
         mask = dead.unsqueeze(-1)
@@ -317,6 +621,43 @@ class ProductQuantizer(nn.Module):
         self.embed_avg.copy_(
             torch.where(mask, candidates * self.threshold_ema_dead_code, self.embed_avg)
         )
+
+
+def _set_once(name: str, value, how: str) -> None:
+    if value is not None:
+        raise TypeError(f"ProductQuantizer got multiple values for argument {name!r} ({how} too)")
+
+
+def _check_call_options(options: dict) -> None:
+    for name, value in options.items():
+        if name not in _UNSUPPORTED_CALL_OPTIONS:
+            raise TypeError(f"ProductQuantizer.forward got an unexpected keyword argument {name!r}")
+        off = _UNSUPPORTED_CALL_OPTIONS[name]
+        if value is not off and not (name == "ema_update" and value is True):
+            raise ValueError(
+                f"ProductQuantizer.forward: VectorQuantize option {name}= is not supported "
+                f"(leave it at {off!r})"
+            )
+
+
+def _rotate_to(x: torch.Tensor, q: torch.Tensor, m: int) -> torch.Tensor:
+    """Rotation-trick output: equals ``q`` (..., D) exactly; the gradient to ``x`` (..., D) is
+    the upstream gradient mapped, per sub-vector of D / m dims, by the (detached) rotation and
+    scaling that take x to q. Computed in float32."""
+    shape, d = x.shape, x.shape[-1] // m
+    xs = x.float().reshape(*shape[:-1], m, d)
+    qs = q.float().reshape(*shape[:-1], m, d)
+    tiny = torch.finfo(torch.float32).tiny
+    nx = xs.detach().norm(dim=-1, keepdim=True)
+    nq = qs.norm(dim=-1, keepdim=True)
+    u = xs.detach() / nx.clamp_min(tiny)
+    v = qs / nq.clamp_min(tiny)
+    w = u + v
+    w = w / w.norm(dim=-1, keepdim=True).clamp_min(tiny)
+    # R = I - 2 w wᵀ + 2 v uᵀ maps u to v (a rotation in the plane of u and v).
+    rotated = xs - 2 * w * (w * xs).sum(-1, keepdim=True) + 2 * v * (u * xs).sum(-1, keepdim=True)
+    rotated = rotated * (nq / nx.clamp_min(tiny))
+    return q + (rotated - rotated.detach()).reshape(shape).to(q.dtype)
 
 
 def _perplexity(counts: torch.Tensor) -> torch.Tensor:
