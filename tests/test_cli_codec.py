@@ -58,6 +58,7 @@ def _run(*args):
 def test_compress_decompress_subprocess(tmp_path, model_file):
     src = tmp_path / "in.png"
     Image.fromarray(_rgb(37, 50)).save(src)
+    original_bytes = src.read_bytes()
     r = _run("compress", src, "--model", model_file)
     assert r.returncode == 0, r.stderr
     pqm = tmp_path / "in.pqm"
@@ -69,17 +70,19 @@ def test_compress_decompress_subprocess(tmp_path, model_file):
     assert m, r.stdout
     assert int(m.group(1)) == size
     assert float(m.group(2)) == pytest.approx(8 * size / (37 * 50), abs=1e-4)
-    out = tmp_path / "back.png"
-    r = _run("decompress", pqm, "-o", out, "--model", model_file, "--original", src)
+    # the default output is in.decoded.png: the original in.png is left alone
+    r = _run("decompress", pqm, "--model", model_file, "--original", src)
     assert r.returncode == 0, r.stderr
     d = re.search(
-        r"\(50x37\): (\d+) bytes, [\d.]+ bpp, decode [\d.]+ s, PSNR ([\d.]+) dB", r.stdout
+        r"in\.decoded\.png \(50x37\): (\d+) bytes, [\d.]+ bpp, decode [\d.]+ s, PSNR ([\d.]+) dB",
+        r.stdout,
     )
     assert d, r.stdout
     # compress predicts the PSNR of what decompress really returns
     assert int(d.group(1)) == size and d.group(2) == m.group(3)
-    back = np.asarray(Image.open(out))
+    back = np.asarray(Image.open(tmp_path / "in.decoded.png"))
     assert back.shape == (37, 50, 3) and back.dtype == np.uint8
+    assert src.read_bytes() == original_bytes
 
 
 def test_compress_partial_stages_in_process(tmp_path, model_file, capsys):
@@ -94,20 +97,33 @@ def test_compress_partial_stages_in_process(tmp_path, model_file, capsys):
         assert (
             main(["decompress", str(out), "--model", str(model_file), "--original", str(src)]) == 0
         )
+        assert (tmp_path / f"p{stages}.decoded.png").is_file()
     assert sizes[0] < sizes[1]
-    printed = capsys.readouterr().out
-    assert "PSNR" in printed and "(2 of 6 stages)" in printed
+    captured = capsys.readouterr()
+    assert "PSNR" in captured.out and "(2 of 6 stages)" in captured.out
+    assert "warning" not in captured.err  # --stages asked for it: no warning
     budget = tmp_path / "b.pqm"
-    args = ["compress", str(src), "-o", str(budget), "--model", str(model_file)]
+    args = ["compress", str(src), "-o", str(budget), "--model", str(model_file), "--force"]
     assert main([*args, "--max-bytes", str(sizes[0])]) == 0
     assert budget.read_bytes() == (tmp_path / "p2.pqm").read_bytes()  # stage 3 does not fit
-    assert "(2 of 6 stages)" in capsys.readouterr().out
-    assert main([*args, "--max-bytes", "5"]) == 1
-    assert "even one coding stage needs" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "(2 of 6 stages)" in captured.out
+    psnr_printed = re.search(r"PSNR ([\d.]+) dB", captured.out).group(1)
+    # a budget that forces a partial file says so on stderr, with the PSNR it costs
+    assert captured.err == (
+        f"pqmim compress: warning: --max-bytes {sizes[0]} holds only 2 of 6 coding stages; the "
+        f"decoder predicts the rest (PSNR {psnr_printed} dB)\n"
+    )
+    assert main([*args, "--max-bytes", str(sizes[1])]) == 0
+    assert capsys.readouterr().err == ""  # everything fits: no warning
+    assert main([*args, "--max-bytes", "8"]) == 1  # the header alone is 9 bytes
+    assert "--max-bytes 8 is below the smallest possible .pqm file of a 96x64 image (9 bytes" in (
+        capsys.readouterr().err
+    )
     assert main([*args, "--max-bytes", "500", "--stages", "2"]) == 1
     assert "give --stages or --max-bytes, not both" in capsys.readouterr().err
     assert main(["compress", str(src), "--model", str(model_file), "--stages", "9"]) == 1
-    assert "stages must be an int in [1, 6], got 9" in capsys.readouterr().err
+    assert "--stages 9: the model codes 6 stages" in capsys.readouterr().err
 
 
 def test_cli_errors_exit_1_with_message(tmp_path, model_file, capsys):

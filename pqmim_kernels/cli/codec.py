@@ -3,8 +3,17 @@
 Input images: PNG or JPEG (anything Pillow opens), 8-bit RGB; grey is expanded to RGB; 16-bit
 grey is rounded to 8 bits and 16-bit RGB is reduced to 8 bits by Pillow (high byte); palette
 images are expanded; the EXIF orientation of a photo is applied; an alpha channel is dropped
-when fully opaque and refused otherwise (PQ-MIM codes RGB only). Any size: the codec pads to
-multiples of 16 by edge replication and crops after decoding.
+when fully opaque and refused otherwise (PQ-MIM codes RGB only). Animated or multi-page files
+(GIF, APNG, TIFF, WebP with several frames) are refused; a multi-picture JPEG (MPO, e.g. from a
+phone with a depth map) is read as its primary picture. The size is checked from the file's
+header before any pixel is decoded: images over the codec's limit (``MAX_DECODE_PIXELS``) are
+refused. Any size below it: the codec pads to multiples of 16 by edge replication and crops
+after decoding.
+
+Outputs: never an input file, never an existing file unless ``--force`` (then replaced
+atomically), never a folder; a missing or read-only output folder is an error before any
+work. Defaults: ``compress x.png`` writes ``x.pqm``; ``decompress x.pqm`` writes
+``x.decoded.png`` (not ``x.png``, which is usually the original).
 
 Both commands print the file size, bits per pixel of the whole file, the time, and the PSNR
 whenever the original is known (always for ``compress``; ``decompress --original FILE``).
@@ -14,31 +23,67 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used, so `pqmim --help` stays instant
+    import numpy as np
 
-__all__ = ["psnr", "read_image", "register", "write_image"]
+__all__ = ["check_output", "psnr", "read_image", "register", "write_image", "write_output"]
 
 _WRITE_SUFFIXES = {".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM"}
+DECODED_SUFFIX = ".decoded.png"  # default decompress output: x.pqm -> x.decoded.png
+_DEFAULT = object()
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_pixels=_DEFAULT) -> np.ndarray:
     """Read an image file as uint8 (H, W, 3) RGB.
 
+    ``max_pixels``: refuse images with more pixels, checked from the file's header before the
+    pixels are decoded (default: the codec's ``MAX_DECODE_PIXELS``; ``None``: no limit).
+
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for an unreadable file,
-    a transparent alpha channel or an unsupported pixel format.
+    an image over ``max_pixels``, an animated or multi-page file, a transparent alpha channel or
+    an unsupported pixel format.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if max_pixels is _DEFAULT:
+        from pqmim_kernels.models.codec import MAX_DECODE_PIXELS as max_pixels
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"no such image file: {path}")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            # Our own limit is lower than Pillow's bomb threshold and is checked below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            width, height = im.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ValueError(
+                    f"{path}: a {width}x{height} image ({width * height} px) is over the "
+                    f"codec's limit of {max_pixels} px (MAX_DECODE_PIXELS); split it into tiles"
+                )
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1 and im.format != "MPO":
+                raise ValueError(
+                    f"{path}: {im.format} file with {frames} frames (animated or multi-page); "
+                    "pqmim codes one still image - save the frame you want as PNG first"
+                )
             im.load()
             return _to_rgb8(ImageOps.exif_transpose(im), path)
+    except Image.DecompressionBombError as exc:  # over Pillow's hard limit, far above ours
+        raise ValueError(
+            f"{path}: the image is over the codec's limit of {max_pixels} px "
+            "(MAX_DECODE_PIXELS); split it into tiles"
+        ) from exc
     except UnidentifiedImageError as exc:
         raise ValueError(f"{path}: not an image Pillow can read") from exc
     except OSError as exc:
@@ -46,6 +91,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def _to_rgb8(im, path) -> np.ndarray:
+    import numpy as np
+
     mode = im.mode
     if mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -71,60 +118,156 @@ def _to_rgb8(im, path) -> np.ndarray:
     raise ValueError(f"{path}: unsupported pixel format {mode!r} (need RGB, grey or RGBA)")
 
 
-def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
-    """Write uint8 (H, W, 3) as a lossless image chosen by the suffix (.png, .bmp, .tif, .ppm)."""
+def encode_image(img: np.ndarray, suffix: str) -> bytes:
+    """uint8 (H, W, 3) -> the bytes of a lossless image file of the format named by ``suffix``
+    (.png, .bmp, .tif, .tiff, .ppm)."""
+    import io
+
     from PIL import Image
 
-    path = Path(path)
-    fmt = _WRITE_SUFFIXES.get(path.suffix.lower())
+    fmt = _WRITE_SUFFIXES.get(suffix.lower())
     if fmt is None:
+        raise ValueError(
+            f"unsupported image suffix {suffix!r}; use one of " + ", ".join(sorted(_WRITE_SUFFIXES))
+        )
+    buf = io.BytesIO()
+    Image.fromarray(img, "RGB").save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
+    """Write uint8 (H, W, 3) as a lossless image chosen by the suffix (.png, .bmp, .tif, .ppm)."""
+    path = Path(path)
+    if path.suffix.lower() not in _WRITE_SUFFIXES:
         raise ValueError(
             f"output {path}: unsupported suffix {path.suffix!r}; use one of "
             + ", ".join(sorted(_WRITE_SUFFIXES))
         )
-    Image.fromarray(img, "RGB").save(path, format=fmt)
+    path.write_bytes(encode_image(img, path.suffix))
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """RGB PSNR in dB of two uint8 (H, W, 3) images (inf when identical)."""
+    import numpy as np
+
     if a.shape != b.shape:
         raise ValueError(f"PSNR: images differ in size, {a.shape} vs {b.shape}")
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
 
 
+def check_output(out: str | os.PathLike, inputs=(), force: bool = False) -> None:
+    """Refuse an output path before any work: a folder (or a name ending in a separator), one of
+    ``inputs`` (never overwritten, even with ``force``), an existing file without ``force``, a
+    missing or unwritable folder. Raises ``ValueError`` with a one-line message naming the
+    path."""
+    if str(out).endswith(("/", os.sep)) or Path(out).is_dir():
+        raise ValueError(
+            f"output {out} is a folder; give a file name, e.g. -o {Path(out) / 'name'}"
+        )
+    out = Path(out)
+    for src in inputs:
+        if src is None:
+            continue
+        src = Path(src)
+        same = out.resolve() == src.resolve()
+        if not same and out.exists() and src.exists():
+            same = os.path.samefile(out, src)
+        if same:
+            raise ValueError(
+                f"output {out} is the input file {src}; refusing to overwrite an input "
+                "(give another -o)"
+            )
+    folder = out.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ValueError(f"output folder {folder} {what} (for output {out})")
+    if out.exists() and not force:
+        raise ValueError(f"output {out} already exists; pass --force to overwrite it")
+    try:  # the only reliable writability test (root, read-only mounts, ACLs): create a file
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".pqmim-", suffix=".tmp")
+    except OSError as exc:
+        raise ValueError(f"output folder {folder} is not writable ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def write_output(out: Path, data: bytes, force: bool = False) -> None:
+    """Write ``data`` to ``out``: a new file (never one that appeared since
+    :func:`check_output`), or with ``force`` an atomic replacement via a temporary file in the
+    same folder (the old file stays intact if writing fails)."""
+    out = Path(out)
+    if not force:
+        try:
+            with open(out, "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            raise ValueError(f"output {out} already exists; pass --force to overwrite it") from None
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
+        return
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def register(subparsers) -> None:
     c = subparsers.add_parser(
         "compress",
         help="compress an image (PNG/JPEG) to a .pqm file",
-        description="Compress an image to a .pqm file with a PQ-MIM model.",
+        description="Compress an image to a .pqm file with a PQ-MIM model. Never overwrites the "
+        "input, nor an existing file without --force.",
     )
     c.add_argument("input", help="image file (PNG, JPEG, ...)")
     c.add_argument("-o", "--output", help="output .pqm (default: input with suffix .pqm)")
+    c.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     # PSNR is always printed now; --psnr is still accepted so older scripts run
     c.add_argument("--psnr", action="store_true", help=argparse.SUPPRESS)
     c.add_argument(
         "--stages",
-        type=int,
+        type=_positive_int,
         default=None,
         help="send only the first N coding stages; the decoder fills the rest (default: all)",
     )
     c.add_argument(
         "--max-bytes",
-        type=int,
+        type=_positive_int,
         default=None,
         help="send as many coding stages as fit in this many bytes (whole file; the decoder "
-        "fills the rest)",
+        "fills the rest; a warning says when that is not all of them)",
     )
     _common(c)
     c.set_defaults(func=run_compress)
     d = subparsers.add_parser(
         "decompress",
         help="decompress a .pqm file to an image (PNG)",
-        description="Decompress a .pqm file to a lossless image file (PNG by default).",
+        description="Decompress a .pqm file to a lossless image file (PNG by default). Never "
+        "overwrites an input, nor an existing file without --force.",
     )
     d.add_argument("input", help=".pqm file")
-    d.add_argument("-o", "--output", help="output image (default: input with suffix .png)")
+    d.add_argument(
+        "-o",
+        "--output",
+        help=f"output image, .png/.bmp/.tif/.ppm (default: input with suffix {DECODED_SUFFIX}, "
+        "e.g. photo.pqm -> photo.decoded.png)",
+    )
+    d.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     d.add_argument("--original", help="original image: print the PSNR against it")
     _common(d)
     d.set_defaults(func=run_decompress)
@@ -133,6 +276,10 @@ def register(subparsers) -> None:
 def _common(p) -> None:
     p.add_argument("--model", default="default", help="'default' (bundled) or a model file")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (decode on the same kind)")
+
+
+def _model_inputs(args) -> list[Path]:
+    return [Path(args.model)] if args.model != "default" else []
 
 
 def _load(args):
@@ -146,31 +293,72 @@ def _load(args):
     return load_model(args.model, device=args.device)
 
 
-def run_compress(args) -> int:
-    from pqmim_kernels.models import compress_image, decompress_image
+def _min_file_bytes(height: int, width: int, first_stage_tokens: int) -> int:
+    """Fewest bytes any one-stage ``.pqm`` file of this size can have: the header, plus the rANS
+    stream's framing (1 byte + one 5-byte final state) when stage 1 holds a token."""
+    from pqmim_kernels.coding import pqm_format
 
-    img = read_image(args.input)
-    out = Path(args.output) if args.output else Path(args.input).with_suffix(".pqm")
-    model = _load(args)
-    t0 = time.perf_counter()
+    header = pqm_format.PqmHeader(b"\0\0", height, width, 1, check=0)
+    return len(pqm_format.check_context(header)) + 2 + (6 if first_stage_tokens else 0)
+
+
+def _existing_input(name: str, what: str) -> Path:
+    path = Path(name)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not {'an' if what[0] in 'aeiou' else 'a'} {what}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no such {what}: {path}")
+    return path
+
+
+def run_compress(args) -> int:
     if args.stages is not None and args.max_bytes is not None:
         raise ValueError("give --stages or --max-bytes, not both")
+    src = _existing_input(args.input, "image file")
+    out = args.output or src.with_suffix(".pqm")
+    check_output(out, [src, *_model_inputs(args)], args.force)
+    out = Path(out)
+    img = read_image(src)
+    h, w = img.shape[:2]
+    from pqmim_kernels.models import compress_image, decompress_image
+    from pqmim_kernels.models.codec import DOWNSAMPLING
+    from pqmim_kernels.models.schedule import stage_bounds
+
+    model = _load(args)
+    total = model.config.stages
+    if args.stages is not None and args.stages > total:
+        raise ValueError(f"--stages {args.stages}: the model codes {total} stages")
+    if args.max_bytes is not None:
+        tokens = -(-h // DOWNSAMPLING) * -(-w // DOWNSAMPLING)
+        least = _min_file_bytes(h, w, int(stage_bounds(tokens, total)[1]))
+        if args.max_bytes < least:
+            raise ValueError(
+                f"--max-bytes {args.max_bytes} is below the smallest possible .pqm file of a "
+                f"{w}x{h} image ({least} bytes: header and one coding stage)"
+            )
+    t0 = time.perf_counter()
     data = compress_image(img, model, stages=args.stages, max_bytes=args.max_bytes)
     dt = time.perf_counter() - t0
-    out.write_bytes(data)
-    h, w = img.shape[:2]
+    write_output(out, data, args.force)
     sent = _stages_sent(data)
-    if sent == model.config.stages:
+    if sent == total:
         # Decoding is bit-exact in the codes, so the decoder's image is the conv decoder applied
         # to the encoder's codes: no entropy decoding needed for the PSNR.
         recon = _reconstruct(img, model)
     else:  # the receiver fills the unsent stages: decode the file as it would
         recon = decompress_image(data, model)
+    quality = psnr(img, recon)
     print(
-        f"{args.input} ({w}x{h}) -> {out}: {len(data)} bytes, "
-        f"{8 * len(data) / (h * w):.4f} bpp, encode {dt:.3f} s, PSNR {psnr(img, recon):.2f} dB"
-        + ("" if sent == model.config.stages else f" ({sent} of {model.config.stages} stages)")
+        f"{src} ({w}x{h}) -> {out}: {len(data)} bytes, "
+        f"{8 * len(data) / (h * w):.4f} bpp, encode {dt:.3f} s, PSNR {quality:.2f} dB"
+        + ("" if sent == total else f" ({sent} of {total} stages)")
     )
+    if args.max_bytes is not None and sent < total:
+        print(
+            f"pqmim compress: warning: --max-bytes {args.max_bytes} holds only {sent} of {total} "
+            f"coding stages; the decoder predicts the rest (PSNR {quality:.2f} dB)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -191,30 +379,39 @@ def _reconstruct(img: np.ndarray, model) -> np.ndarray:
 
 
 def run_decompress(args) -> int:
-    from pqmim_kernels.models import decompress_image
+    from pqmim_kernels.coding import pqm_format
 
-    src = Path(args.input)
-    if not src.is_file():
-        raise FileNotFoundError(f"no such .pqm file: {src}")
-    data = src.read_bytes()
-    out = Path(args.output) if args.output else src.with_suffix(".png")
+    src = _existing_input(args.input, ".pqm file")
+    original = _existing_input(args.original, "image file") if args.original else None
+    out = args.output or src.with_suffix(DECODED_SUFFIX)
+    check_output(out, [src, original, *_model_inputs(args)], args.force)
+    out = Path(out)
     if out.suffix.lower() not in _WRITE_SUFFIXES:
         raise ValueError(
             f"output {out}: unsupported suffix {out.suffix!r}; use one of "
             + ", ".join(sorted(_WRITE_SUFFIXES))
         )
-    original = read_image(args.original) if args.original else None
+    data = src.read_bytes()
+    header, _ = pqm_format.unpack(data)  # a foreign or truncated file fails here, cheaply
+    ref = read_image(original) if original is not None else None
+    if ref is not None and ref.shape[:2] != (header.height, header.width):
+        raise ValueError(
+            f"--original {original} is {ref.shape[1]}x{ref.shape[0]} but {src} holds a "
+            f"{header.width}x{header.height} image"
+        )
+    from pqmim_kernels.models import decompress_image
+
     model = _load(args)
     t0 = time.perf_counter()
     img = decompress_image(data, model)
     dt = time.perf_counter() - t0
-    write_image(out, img)
+    write_output(out, encode_image(img, out.suffix), args.force)
     h, w = img.shape[:2]
     msg = (
         f"{src} -> {out} ({w}x{h}): {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp, "
         f"decode {dt:.3f} s"
     )
-    if original is not None:
-        msg += f", PSNR {psnr(original, img):.2f} dB"
+    if ref is not None:
+        msg += f", PSNR {psnr(ref, img):.2f} dB"
     print(msg)
     return 0

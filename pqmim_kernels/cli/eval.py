@@ -84,6 +84,24 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _check_out_folder(out: str) -> None:
+    """--out must be a folder that exists or can be created, and writable (the result files in
+    it are replaced)."""
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".pqmim-", suffix=".tmp")
+    except OSError as exc:
+        raise ValueError(f"--out {folder}: cannot write there ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def run(args: argparse.Namespace) -> int:
     from pqmim_kernels.evaluation import runner
 
@@ -109,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
             raise RuntimeError(f"--device {args.device}: CUDA is not available here")
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    runner.list_images(args.images_dir, args.limit)  # missing folder or no image: say so now
+    _check_out_folder(args.out)  # before the evaluation, which can take hours
 
     def log(msg: str) -> None:
         print(f"pqmim eval: {msg}", file=sys.stderr)

@@ -50,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"pqmim {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # permissions, full disk, a folder where a file was expected ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"pqmim {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"pqmim {args.command}: error: out of memory", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,12 +2,68 @@
 
 Runs as is on one CPU or GPU, and under ``torchrun --nproc_per_node N -m pqmim_kernels.cli.main
 train ...`` with DistributedDataParallel.
+
+Every field of :class:`~pqmim_kernels.models.train.TrainConfig` and of
+:class:`~pqmim_kernels.models.config.PQMIMConfig` is a flag (``--kebab-case`` of the field name;
+a few model fields keep shorter historical names, e.g. ``--subspaces`` for ``num_subspaces``),
+with the dataclass default. The defaults are read from the two dataclass definitions' source
+(``ast``, no import), so ``pqmim train --help`` and argument errors need no torch import; a field
+added to either dataclass becomes a flag automatically.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
+from pathlib import Path
+
+_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+# Help texts of the main flags (other fields take the comment next to their definition).
+_TRAIN_HELP = {
+    "data": "folder of training images (PNG/JPEG, searched recursively)",
+    "out": "output folder (checkpoint.pt, log.jsonl, model.pt)",
+    "crop": "square crop size (multiple of 16)",
+    "batch_size": "crops per step",
+    "stage2_batch_size": "token windows per stage-2 step (0 = same as --batch-size)",
+    "stage1_steps": "stage-1 (PQ-VAE) step budget",
+    "stage1_minutes": "stage-1 time budget (0 = none); the first budget spent ends the stage",
+    "stage2_steps": "stage-2 (MIM entropy model) step budget",
+    "stage2_minutes": "stage-2 time budget (0 = none)",
+    "lr1": "stage-1 peak learning rate (cosine decay)",
+    "lr2": "stage-2 peak learning rate (cosine decay)",
+    "warmup": "linear learning-rate warm-up steps (each stage)",
+    "seed": "random seed",
+    "log_every": "log a line (and to OUT/log.jsonl) every N steps",
+    "ckpt_every": "write OUT/checkpoint.pt every N steps (and on Ctrl-C)",
+    "device": "auto | cpu | cuda | cuda:N",
+    "max_images": "use the first N images of --data (0 = all)",
+    "progress": "tqdm progress bars",
+}
+# PQMIMConfig fields whose flag is not the field name: field -> (flag, help)
+_MODEL_FLAGS = {
+    "channels": ("--channels", "PQ-VAE conv widths at strides 2, 4, 8, 16 (4 ints)"),
+    "latent_dim": ("--latent-dim", "latent dimension D"),
+    "num_subspaces": ("--subspaces", "product-quantizer sub-spaces M (D / M dims each)"),
+    "codebook_size": ("--codebook-size", "codewords K per sub-space"),
+    "res_blocks": ("--res-blocks", "residual blocks at stride 16 on each side"),
+    "mim_width": ("--mim-width", "entropy-model transformer width"),
+    "mim_depth": ("--mim-depth", "entropy-model transformer depth"),
+    "mim_heads": ("--mim-heads", "entropy-model attention heads"),
+    "stages": ("--stages", "coding stages S"),
+}
+_EPILOG = """\
+example (every option at its default):
+  pqmim train --data ../shared/data/train --out runs/train
+
+Run the same command again to resume from OUT/checkpoint.pt (the stored model shape wins);
+Ctrl-C writes the checkpoint before it stops. Under torchrun every rank runs this command.
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after every option's help; the epilog's example kept as written."""
 
 
 def _channels(text: str) -> tuple[int, ...]:
@@ -22,80 +78,114 @@ def _channels(text: str) -> tuple[int, ...]:
     return vals
 
 
-def register(subparsers) -> None:
-    from pqmim_kernels.models.config import PQMIMConfig
-    from pqmim_kernels.models.train import TrainConfig
+def dataclass_fields(path: Path, class_name: str) -> list[tuple[str, str, object, str]]:
+    """``(name, annotation, default, comment)`` of each field of the dataclass ``class_name``
+    defined in the Python file ``path``, read from its source without importing it.
 
-    tc, mc = TrainConfig(), PQMIMConfig()
+    ``annotation`` is the annotation's source text, ``default`` the literal default value and
+    ``comment`` the ``# ...`` text on the field's line ("" if none). Raises ``ValueError`` when
+    the class is missing or a default is not a literal.
+    """
+    source = path.read_text(encoding="utf-8")
+    lines = source.splitlines()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            break
+    else:
+        raise ValueError(f"{path}: no class {class_name}")
+    out = []
+    for stmt in node.body:
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+            continue
+        if stmt.value is None:
+            raise ValueError(f"{path}: {class_name}.{stmt.target.id} has no default")
+        default = ast.literal_eval(stmt.value)  # ValueError for a non-literal default
+        line = lines[stmt.end_lineno - 1]
+        comment = line.split("#", 1)[1].strip() if "#" in line else ""
+        out.append((stmt.target.id, ast.unparse(stmt.annotation), default, comment))
+    return out
+
+
+def _fields():
+    """Fields of TrainConfig and PQMIMConfig, from source (or, failing that, by import)."""
+    try:
+        return (
+            dataclass_fields(_MODELS / "train.py", "TrainConfig"),
+            dataclass_fields(_MODELS / "config.py", "PQMIMConfig"),
+        )
+    except (OSError, ValueError, SyntaxError):  # e.g. a non-literal default: ask the classes
+        import dataclasses
+
+        from pqmim_kernels.models.config import PQMIMConfig
+        from pqmim_kernels.models.train import TrainConfig
+
+        def listed(cls):
+            return [
+                (f.name, str(f.type), getattr(cls(), f.name), "") for f in dataclasses.fields(cls)
+            ]
+
+        return listed(TrainConfig), listed(PQMIMConfig)
+
+
+def _add_field(group, flag: str, dest: str, annotation: str, default, help_text: str) -> bool:
+    """Add one dataclass field as a flag; False when its type has no command-line form."""
+    kind = annotation.replace(" ", "")
+    metavar = dest.split("_", 1)[1].upper()
+    if kind == "bool":
+        group.add_argument(
+            flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text
+        )
+    elif kind in ("int", "float", "str"):
+        group.add_argument(
+            flag, dest=dest, type={"int": int, "float": float, "str": str}[kind], default=default,
+            metavar=metavar, help=help_text,
+        )  # fmt: skip
+    else:
+        return False
+    return True
+
+
+def register(subparsers) -> None:
+    train_fields, model_fields = _fields()
     p = subparsers.add_parser(
         "train",
         help="train a PQ-MIM model (stage 1 PQ-VAE, stage 2 MIM entropy model)",
-        description="Train a PQ-MIM model on random crops of a folder of images. Resumes from "
-        "OUT/checkpoint.pt; writes OUT/model.pt (usable with --model) and OUT/log.jsonl.",
+        description="Train a PQ-MIM model on random crops of a folder of images. Writes "
+        "OUT/model.pt (usable with --model), OUT/log.jsonl and OUT/checkpoint.pt.",
+        epilog=_EPILOG,
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("--data", default=tc.data, help="folder of training images (PNG/JPEG)")
-    p.add_argument("--out", default=tc.out, help="output folder (checkpoint, log, model.pt)")
-    p.add_argument("--crop", type=int, default=tc.crop, help="square crop size (multiple of 16)")
-    p.add_argument("--batch-size", type=int, default=tc.batch_size)
-    p.add_argument("--stage2-batch-size", type=int, default=0, help="0 = same as --batch-size")
-    p.add_argument("--stage1-steps", type=int, default=tc.stage1_steps)
-    p.add_argument("--stage1-minutes", type=float, default=0.0, help="time budget (0 = none)")
-    p.add_argument("--stage2-steps", type=int, default=tc.stage2_steps)
-    p.add_argument("--stage2-minutes", type=float, default=0.0, help="time budget (0 = none)")
-    p.add_argument("--lr1", type=float, default=tc.lr1)
-    p.add_argument("--lr2", type=float, default=tc.lr2)
-    p.add_argument("--seed", type=int, default=tc.seed)
-    p.add_argument("--log-every", type=int, default=tc.log_every)
-    p.add_argument("--ckpt-every", type=int, default=tc.ckpt_every)
-    p.add_argument("--max-images", type=int, default=0, help="use the first N images (0 = all)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    taken, train_dests, model_dests = set(), [], []
+    for name, annotation, default, comment in train_fields:
+        flag = "--" + name.replace("_", "-")
+        text = _TRAIN_HELP.get(name) or comment or f"TrainConfig.{name}"
+        if _add_field(p, flag, f"train_{name}", annotation, default, text):
+            taken.add(flag)
+            train_dests.append(name)
     g = p.add_argument_group("model shape (ignored when resuming)")
-    g.add_argument("--channels", type=_channels, default=mc.channels, help="e.g. 64,96,128,192")
-    g.add_argument("--latent-dim", type=int, default=mc.latent_dim)
-    g.add_argument("--subspaces", type=int, default=mc.num_subspaces, help="M")
-    g.add_argument("--codebook-size", type=int, default=mc.codebook_size, help="K")
-    g.add_argument("--res-blocks", type=int, default=mc.res_blocks)
-    g.add_argument("--mim-width", type=int, default=mc.mim_width)
-    g.add_argument("--mim-depth", type=int, default=mc.mim_depth)
-    g.add_argument("--mim-heads", type=int, default=mc.mim_heads)
-    g.add_argument("--stages", type=int, default=mc.stages)
-    p.set_defaults(func=run)
+    for name, annotation, default, comment in model_fields:
+        flag, text = _MODEL_FLAGS.get(name, ("--" + name.replace("_", "-"), ""))
+        if flag in taken:  # a model field named like a training option: prefix it
+            flag = "--model-" + flag[2:]
+        text = text or comment or f"PQMIMConfig.{name}"
+        if name == "channels":
+            g.add_argument(
+                flag, dest=f"model_{name}", type=_channels, default=",".join(map(str, default)),
+                metavar="C1,C2,C3,C4", help=text,
+            )  # fmt: skip
+        elif not _add_field(g, flag, f"model_{name}", annotation, default, text):
+            continue
+        model_dests.append(name)
+    p.set_defaults(func=run, train_fields=train_dests, model_fields=model_dests)
 
 
 def run(args) -> int:
     from pqmim_kernels.models.config import PQMIMConfig
     from pqmim_kernels.models.train import TrainConfig, train
 
+    cfg = TrainConfig(**{name: getattr(args, f"train_{name}") for name in args.train_fields})
     model_config = PQMIMConfig(
-        channels=args.channels,
-        latent_dim=args.latent_dim,
-        num_subspaces=args.subspaces,
-        codebook_size=args.codebook_size,
-        res_blocks=args.res_blocks,
-        mim_width=args.mim_width,
-        mim_depth=args.mim_depth,
-        mim_heads=args.mim_heads,
-        stages=args.stages,
-    )
-    cfg = TrainConfig(
-        data=args.data,
-        out=args.out,
-        crop=args.crop,
-        batch_size=args.batch_size,
-        stage2_batch_size=args.stage2_batch_size,
-        stage1_steps=args.stage1_steps,
-        stage1_minutes=args.stage1_minutes,
-        stage2_steps=args.stage2_steps,
-        stage2_minutes=args.stage2_minutes,
-        lr1=args.lr1,
-        lr2=args.lr2,
-        seed=args.seed,
-        log_every=args.log_every,
-        ckpt_every=args.ckpt_every,
-        device=args.device,
-        max_images=args.max_images,
-        progress=not args.no_progress,
+        **{name: getattr(args, f"model_{name}") for name in args.model_fields}
     )
     model = train(cfg, model_config)
     if os.environ.get("RANK", "0") == "0":
