@@ -23,8 +23,32 @@ std::string row_msg(const char* what, int64_t row) {
   return std::string(what) + " row " + std::to_string(row);
 }
 
-// Runs fn(lo, hi) over [0, n) split into contiguous chunks, one thread per chunk. If chunks
-// throw, the exception of the lowest chunk wins, so the reported row is the first bad one.
+// Joins every started thread when it goes out of scope, exceptions included (a joinable
+// std::thread destroyed unjoined would call std::terminate).
+struct JoinAll {
+  std::vector<std::thread>& pool;
+  ~JoinAll() {
+    for (auto& th : pool)
+      if (th.joinable()) th.join();
+  }
+};
+
+// Starts fn() on new threads until `pool` holds `count` of them or the system refuses one
+// (thread or address-space limit): callers do the work of the threads that did not start
+// themselves, so a refusal only means less parallelism, never an error.
+template <class Fn>
+void start_threads(std::vector<std::thread>& pool, int count, const Fn& fn) {
+  try {
+    pool.reserve(static_cast<size_t>(count));
+    while (static_cast<int>(pool.size()) < count) pool.emplace_back(fn, static_cast<int>(pool.size()));
+  } catch (...) {  // std::system_error (EAGAIN) or std::bad_alloc: keep what started
+  }
+}
+
+// Runs fn(lo, hi) over [0, n) split into contiguous chunks, one thread per chunk; chunks whose
+// thread could not be started run on the calling thread after its own (same results). If
+// chunks throw, the exception of the lowest chunk wins, so the reported row is the first bad
+// one.
 template <class Fn>
 void parallel_for(int64_t n, int threads, int64_t work_per_item, Fn fn) {
   constexpr int64_t kMinWorkPerThread = int64_t{1} << 16;
@@ -35,8 +59,6 @@ void parallel_for(int64_t n, int threads, int64_t work_per_item, Fn fn) {
     return;
   }
   std::vector<std::exception_ptr> errors(static_cast<size_t>(t));
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(t - 1));
   auto run = [&](int c) {
     int64_t lo = n * c / t, hi = n * (c + 1) / t;
     try {
@@ -45,9 +67,13 @@ void parallel_for(int64_t n, int threads, int64_t work_per_item, Fn fn) {
       errors[static_cast<size_t>(c)] = std::current_exception();
     }
   };
-  for (int c = 1; c < t; ++c) pool.emplace_back(run, c);
-  run(0);
-  for (auto& th : pool) th.join();
+  std::vector<std::thread> pool;
+  {
+    JoinAll join{pool};
+    start_threads(pool, t - 1, [&](int i) { run(i + 1); });
+    run(0);
+    for (int c = 1 + static_cast<int>(pool.size()); c < t; ++c) run(c);
+  }
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
 }
@@ -283,7 +309,9 @@ static PQMIM_CLONES int64_t find_slot(const uint32_t* f, int64_t k, uint32_t slo
     if (c + b > slot) break;
     c += b;
   }
-  while (c + f[s] <= slot) c += f[s++];
+  // Bounded by k - 1: only frequencies that do not sum to 2^P (a row changed by another
+  // thread while it was read) could otherwise run past the row.
+  while (s < k - 1 && c + f[s] <= slot) c += f[s++];
   *start = c;
   return s;
 }
@@ -320,6 +348,9 @@ void quantize_row(const float* p, int64_t k, int precision, uint32_t* f, int64_t
   const Weights w = sum_weights(p, static_cast<int32_t>(k), c1, c2, m, f);
   const int64_t total = w.total;
   const int64_t a = w.first;
+  if (a >= k || total <= 0)  // only if another thread changed the row between the two passes
+    throw Error(row_msg("probs", row) + " changed while it was being read (another thread "
+                "wrote to the array during the call)");
   const int64_t M = int64_t{1} << precision;
   const float tf = static_cast<float>(total);
   int64_t d = M - static_cast<int64_t>(freqs_from_weights(f, k, static_cast<float>(M) / tf));
@@ -358,20 +389,46 @@ void quantize_probs(const float* probs, int64_t n, int64_t k, int precision, int
   });
 }
 
-void check_cdf_table(const int32_t* table, int64_t rows, int64_t k, int precision) {
+namespace {
+
+// Nonzero unless c[0..k] is 0, strictly increasing, 2^precision. No early exit, so the loop
+// vectorises (two overlapping loads and a compare per 8 or 16 entries): validating a row
+// costs about one streaming read of it.
+PQMIM_CLONES int cdf_row_bad(const int32_t* c, int64_t k, int32_t total) {
+  int bad = (c[0] != 0) | (c[k] != total);
+  for (int64_t i = 0; i < k; ++i) bad |= c[i] >= c[i + 1];
+  return bad;
+}
+
+// The error for a row that cdf_row_bad refused: what is wrong, at which entry.
+[[noreturn]] void throw_bad_cdf_row(const char* name, const int32_t* c, int64_t r, int64_t k,
+                                    int64_t total) {
+  const std::string row = row_msg(name, r);
+  if (c[0] != 0 || c[k] != total)
+    throw Error(row + " must start at 0 and end at 2^precision = " + std::to_string(total) +
+                ", got " + std::to_string(c[0]) + " .. " + std::to_string(c[k]));
+  int64_t i = 0;
+  while (i < k - 1 && c[i] < c[i + 1]) ++i;
+  throw Error(row + " is not strictly increasing at entry " + std::to_string(i + 1) + " (" +
+              std::to_string(c[i]) + " then " + std::to_string(c[i + 1]) + ")");
+}
+
+}  // namespace
+
+void check_cdf_table(const int32_t* table, int64_t rows, int64_t k, int precision,
+                     const char* name) {
   check_alphabet(k, precision);
-  const int64_t M = int64_t{1} << precision;
+  const int32_t M = int32_t{1} << precision;
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* c = table + r * (k + 1);
-    if (c[0] != 0 || c[k] != M)
-      throw Error(row_msg("cdf_table", r) + " must start at 0 and end at 2^precision = " +
-                  std::to_string(M) + ", got " + std::to_string(c[0]) + " .. " +
-                  std::to_string(c[k]));
-    for (int64_t i = 0; i < k; ++i)
-      if (c[i] >= c[i + 1])
-        throw Error(row_msg("cdf_table", r) + " is not strictly increasing at entry " +
-                    std::to_string(i + 1));
+    if (cdf_row_bad(c, k, M)) throw_bad_cdf_row(name, c, r, k, M);
   }
+}
+
+CallGuard::CallGuard(std::atomic<bool>& busy, const char* what) : busy_(busy) {
+  if (busy_.exchange(true, std::memory_order_acquire))
+    throw InUse(std::string(what) + " is in use by another thread: use one " + what +
+                " per thread (separate objects run in parallel)");
 }
 
 // ----------------------------------------------------------------------------------------
@@ -384,7 +441,13 @@ Encoder::Encoder(int precision, int lanes, int num_threads)
     throw Error("lanes must be 0 (automatic), 1, 2, 4 or 8, got " + std::to_string(lanes));
 }
 
+int64_t Encoder::pending() const {
+  CallGuard guard(busy_, "RansEncoder");
+  return static_cast<int64_t>(start_.size());
+}
+
 void Encoder::push_probs(const int64_t* symbols, const float* probs, int64_t n, int64_t k) {
+  CallGuard guard(busy_, "RansEncoder");
   check_alphabet(k, precision_);
   size_t base = start_.size();
   start_.resize(base + static_cast<size_t>(n));
@@ -409,43 +472,55 @@ void Encoder::push_probs(const int64_t* symbols, const float* probs, int64_t n, 
 }
 
 void Encoder::push_cdfs(const int64_t* symbols, const int32_t* cdfs, int64_t n, int64_t k) {
+  CallGuard guard(busy_, "RansEncoder");
   check_alphabet(k, precision_);
-  const int64_t M = int64_t{1} << precision_;
+  const int32_t M = int32_t{1} << precision_;
   const int64_t row = k + 1;
   size_t base = start_.size();
   start_.resize(base + static_cast<size_t>(n));
   freq_.resize(base + static_cast<size_t>(n));
   uint32_t* st = start_.data() + base;
   uint32_t* fr = freq_.data() + base;
-  // One pass, touching only the entries around each symbol and the row's total (prefetched a
-  // few rows ahead): a full monotonicity check would read the whole (N, K+1) array, several
-  // times the cost of coding. The decoder re-checks the entries its search uses.
-  constexpr int64_t kAhead = 16;
-  for (int64_t r = 0; r < n; ++r) {
-    if (r + kAhead < n) {
-      int64_t sa = symbols[r + kAhead];
-      if (sa >= 0 && sa < k) __builtin_prefetch(cdfs + (r + kAhead) * row + sa);
-      __builtin_prefetch(cdfs + (r + kAhead) * row + k);
-    }
-    int64_t s = symbols[r];
-    const int32_t* c = cdfs + r * row;
-    if (s < 0 || s >= k || c[s] < 0 || c[s] >= c[s + 1] || c[s + 1] > M || c[k] != M ||
-        (s == 0 && c[0] != 0)) {
-      start_.resize(base);  // a failed call leaves the encoder as it was
-      freq_.resize(base);
-      check_symbol(s, k, r);
-      throw Error(row_msg("cdfs", r) + " is not a valid CDF for symbol " + std::to_string(s) +
-                  " (rows must increase strictly from 0 to 2^precision = " +
-                  std::to_string(M) + ")");
-    }
-    st[r] = static_cast<uint32_t>(c[s]);
-    fr[r] = static_cast<uint32_t>(c[s + 1] - c[s]);
+  // Every row is checked in full (0, strictly increasing, 2^P): a row that is only locally
+  // valid around its symbol can give overlapping intervals, i.e. a stream that decodes to
+  // other symbols and still passes the final-state check. The check reads each row once,
+  // sequentially, split over the encoder's threads like the float path.
+  try {
+    parallel_for(n, num_threads_, row, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t s = symbols[r];
+        const int32_t* c = cdfs + r * row;
+        check_symbol(s, k, r);
+        if (cdf_row_bad(c, k, M)) {
+          if (c[s] < 0 || c[s] >= c[s + 1] || c[s + 1] > M || c[k] != M ||
+              (s == 0 && c[0] != 0))  // the symbol's own interval or the total
+            throw Error(row_msg("cdfs", r) + " is not a valid CDF for symbol " +
+                        std::to_string(s) + " (rows must increase strictly from 0 to "
+                        "2^precision = " + std::to_string(M) + ")");
+          throw_bad_cdf_row("cdfs", c, r, k, M);
+        }
+        // Read once into locals and re-checked: another thread writing to the array during
+        // the call must not leave a zero frequency for finish() to divide by.
+        const int32_t a = c[s], b = c[s + 1];
+        if (!(0 <= a && a < b && b <= M))
+          throw Error(row_msg("cdfs", r) + " changed while it was being read (another "
+                      "thread wrote to the array during the call)");
+        st[r] = static_cast<uint32_t>(a);
+        fr[r] = static_cast<uint32_t>(b - a);
+      }
+    });
+  } catch (...) {
+    start_.resize(base);  // a failed call leaves the encoder as it was
+    freq_.resize(base);
+    throw;
   }
 }
 
 void Encoder::push_indexed(const int64_t* symbols, const int64_t* indexes, int64_t n,
                            const int32_t* table, int64_t tables, int64_t k) {
+  CallGuard guard(busy_, "RansEncoder");
   check_cdf_table(table, tables, k, precision_);
+  const int32_t M = int32_t{1} << precision_;
   size_t base = start_.size();
   start_.resize(base + static_cast<size_t>(n));
   freq_.resize(base + static_cast<size_t>(n));
@@ -463,13 +538,21 @@ void Encoder::push_indexed(const int64_t* symbols, const int64_t* indexes, int64
                   " is out of range [0, " + std::to_string(tables) + ")");
     }
     const int32_t* c = table + t * (k + 1) + s;
-    st[r] = static_cast<uint32_t>(c[0]);
-    fr[r] = static_cast<uint32_t>(c[1] - c[0]);
+    const int32_t a = c[0], b = c[1];  // once, re-checked (as in push_cdfs)
+    if (!(0 <= a && a < b && b <= M)) {
+      start_.resize(base);
+      freq_.resize(base);
+      throw Error(row_msg("cdf_table", t) + " changed while it was being read (another "
+                  "thread wrote to the array during the call)");
+    }
+    st[r] = static_cast<uint32_t>(a);
+    fr[r] = static_cast<uint32_t>(b - a);
   }
 }
 
 std::vector<uint8_t> Encoder::finish() {
-  const int64_t n = pending();
+  CallGuard guard(busy_, "RansEncoder");
+  const int64_t n = static_cast<int64_t>(start_.size());
   std::vector<uint8_t> bytes;
   if (n == 0) return bytes;
   int lanes = lanes_ != 0 ? lanes_ : (n >= kInterleaveMinSymbols ? kInterleavedLanes : 1);
@@ -579,7 +662,18 @@ struct BlockRing {
 };
 }  // namespace
 
+int64_t Decoder::decoded() const {
+  CallGuard guard(busy_, "RansDecoder");
+  return count_;
+}
+
+size_t Decoder::remaining_bytes() const {
+  CallGuard guard(busy_, "RansDecoder");
+  return data_.size() - pos_;
+}
+
 void Decoder::pop_probs(const float* probs, int64_t n, int64_t k, int64_t* out) {
+  CallGuard guard(busy_, "RansDecoder");
   check_alphabet(k, precision_);
   need_stream(n);
   const uint64_t mask = (uint64_t{1} << precision_) - 1;
@@ -614,7 +708,7 @@ void Decoder::pop_probs(const float* probs, int64_t n, int64_t k, int64_t* out) 
   // quantises blocks itself whenever the one it needs next is not ready.
   BlockRing ring;
   ring.blocks = blocks;
-  ring.slots = 16 * static_cast<int64_t>(threads);
+  ring.slots = std::min<int64_t>(16 * static_cast<int64_t>(threads), blocks);
   U32Buffer freqs;  // every slot is written before it is read
   freqs.resize(static_cast<size_t>(ring.slots * rows * k));
   ring.ready.reset(new std::atomic<int64_t>[static_cast<size_t>(ring.slots)]);
@@ -654,7 +748,9 @@ void Decoder::pop_probs(const float* probs, int64_t n, int64_t k, int64_t* out) 
       for (auto& th : pool) th.join();
     }
   } joiner{ring, pool};
-  for (int t = 1; t < threads; ++t) pool.emplace_back(helper);
+  // Helpers the system refuses to start (thread or address-space limit) are simply missing:
+  // this thread quantises whatever no helper has claimed.
+  start_threads(pool, threads - 1, [&](int) { helper(); });
   for (int64_t j = 0; j < blocks; ++j) {
     const int64_t slot = j % ring.slots;
     while (ring.ready[slot].load(std::memory_order_acquire) != j) {
@@ -674,6 +770,7 @@ void Decoder::pop_probs(const float* probs, int64_t n, int64_t k, int64_t* out) 
 }
 
 void Decoder::pop_cdfs(const int32_t* cdfs, int64_t n, int64_t k, int64_t* out) {
+  CallGuard guard(busy_, "RansDecoder");
   check_alphabet(k, precision_);
   need_stream(n);
   const int64_t M = int64_t{1} << precision_;
@@ -704,6 +801,7 @@ void Decoder::pop_cdfs(const int32_t* cdfs, int64_t n, int64_t k, int64_t* out) 
 
 void Decoder::pop_indexed(const int64_t* indexes, int64_t n, const int32_t* table,
                           int64_t tables, int64_t k, int64_t* out) {
+  CallGuard guard(busy_, "RansDecoder");
   check_cdf_table(table, tables, k, precision_);
   for (int64_t r = 0; r < n; ++r)
     if (indexes[r] < 0 || indexes[r] >= tables)
@@ -725,19 +823,25 @@ void Decoder::pop_indexed(const int64_t* indexes, int64_t n, const int32_t* tabl
       const int32_t* c = table + t * (k + 1);
       int64_t s = 0;
       for (int64_t b = 0; b < buckets; ++b) {
-        while (c[s + 1] <= (b << shift)) ++s;
+        while (s < k - 1 && c[s + 1] <= (b << shift)) ++s;
         lut[static_cast<size_t>(t * buckets + b)] = static_cast<uint16_t>(s);
       }
     }
   }
   for (int64_t r = 0; r < n; ++r) {
-    const int32_t* c = table + indexes[r] * (k + 1);
+    // Read once and re-checked, like the searches' bounds below: the checks above hold unless
+    // another thread writes to the arrays during the call, which must still not crash.
+    const int64_t t = indexes[r];
+    if (static_cast<uint64_t>(t) >= static_cast<uint64_t>(tables))
+      throw Error("indexes changed while they were being read (another thread wrote to the "
+                  "array during the call)");
+    const int32_t* c = table + t * (k + 1);
     uint64_t& x = state_[count_ & (lanes_ - 1)];
     int32_t slot = static_cast<int32_t>(x & mask);
     int64_t s;
     if (use_lut) {
-      s = lut[static_cast<size_t>(indexes[r] * buckets + (slot >> shift))];
-      while (c[s + 1] <= slot) ++s;  // c[k] = 2^P > slot stops it
+      s = lut[static_cast<size_t>(t * buckets + (slot >> shift))];
+      while (s < k - 1 && c[s + 1] <= slot) ++s;  // c[k] = 2^P > slot stops it
     } else {
       s = std::upper_bound(c + 1, c + k, slot) - (c + 1);
     }
@@ -750,6 +854,7 @@ void Decoder::pop_indexed(const int64_t* indexes, int64_t n, const int32_t* tabl
 }
 
 void Decoder::finish() const {
+  CallGuard guard(busy_, "RansDecoder");
   if (pos_ != data_.size())
     throw Error("rANS stream not fully consumed: " + std::to_string(data_.size() - pos_) +
                 " bytes left after " + std::to_string(count_) +

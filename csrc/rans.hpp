@@ -18,6 +18,7 @@
 // distributions that differ from the encoder's).
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
@@ -26,9 +27,10 @@
 
 namespace pqmim::rans {
 
-// Bumped whenever the binding's behaviour or the stream format changes; the Python layer
-// refuses a stale extension whose value differs from the one it was written for.
-constexpr int kAbiVersion = 1;
+// Bumped whenever the binding's behaviour or the stream format changes (2: InUse errors,
+// full CDF row checks); the Python layer refuses a stale extension whose value differs from
+// the one it was written for.
+constexpr int kAbiVersion = 2;
 constexpr int kMaxPrecision = 24;
 constexpr int kDefaultPrecision = 24;
 constexpr uint64_t kLow = uint64_t{1} << 31;
@@ -45,6 +47,26 @@ constexpr int kMaxLanes = 8;
 // Raised for every bad argument or undecodable stream (the binding maps it to ValueError).
 struct Error : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
+};
+
+// Raised when a second thread calls into an Encoder or Decoder while another call on the same
+// object is running (the binding releases the GIL, so Python threads can do this; it maps
+// the exception to RuntimeError). One object per thread; different objects run in parallel.
+struct InUse : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Marks an object busy for the duration of one call: a second entry throws InUse instead of
+// racing on the object's buffers (one atomic exchange per call, nothing per symbol).
+class CallGuard {
+ public:
+  CallGuard(std::atomic<bool>& busy, const char* what);
+  CallGuard(const CallGuard&) = delete;
+  CallGuard& operator=(const CallGuard&) = delete;
+  ~CallGuard() { busy_.store(false, std::memory_order_release); }
+
+ private:
+  std::atomic<bool>& busy_;
 };
 
 // Growable array of uint32 that, unlike std::vector, does not zero what it grows into (every
@@ -82,13 +104,17 @@ void quantize_probs(const float* probs, int64_t n, int64_t k, int precision, int
                     int num_threads);
 
 // Full check of a CDF table (rows of k + 1 entries): 0, strictly increasing, 2^precision.
-void check_cdf_table(const int32_t* table, int64_t rows, int64_t k, int precision);
+// Throws Error naming the first bad row as "<name> row <r>" and what is wrong with it.
+void check_cdf_table(const int32_t* table, int64_t rows, int64_t k, int precision,
+                     const char* name = "cdf_table");
 
 class Encoder {
  public:
   explicit Encoder(int precision = kDefaultPrecision, int lanes = 0, int num_threads = 1);
 
-  // Each call appends n symbols; nothing is coded until finish().
+  // Each call appends n symbols; nothing is coded until finish(). Every call validates its
+  // whole input (symbols, every distribution) and leaves the encoder unchanged when it throws.
+  // All members throw InUse when another thread is inside a call on this object.
   void push_probs(const int64_t* symbols, const float* probs, int64_t n, int64_t k);
   void push_cdfs(const int64_t* symbols, const int32_t* cdfs, int64_t n, int64_t k);
   void push_indexed(const int64_t* symbols, const int64_t* indexes, int64_t n,
@@ -98,7 +124,7 @@ class Encoder {
   // returns the stream. The encoder is empty afterwards and can be reused.
   std::vector<uint8_t> finish();
 
-  int64_t pending() const { return static_cast<int64_t>(start_.size()); }
+  int64_t pending() const;
   int precision() const { return precision_; }
 
  private:
@@ -107,6 +133,7 @@ class Encoder {
   int num_threads_;
   U32Buffer start_;
   U32Buffer freq_;
+  mutable std::atomic<bool> busy_{false};
 };
 
 class Decoder {
@@ -122,9 +149,9 @@ class Decoder {
   // Throws Error unless every word was read and every lane is back at its initial state.
   void finish() const;
 
-  int lanes() const { return lanes_; }
-  int64_t decoded() const { return count_; }
-  size_t remaining_bytes() const { return data_.size() - pos_; }
+  int lanes() const { return lanes_; }  // fixed at construction: no guard needed
+  int64_t decoded() const;
+  size_t remaining_bytes() const;
 
  private:
   uint32_t read_word();
@@ -136,6 +163,7 @@ class Decoder {
   int num_threads_;
   uint64_t state_[kMaxLanes] = {};
   int64_t count_ = 0;
+  mutable std::atomic<bool> busy_{false};
 };
 
 }  // namespace pqmim::rans

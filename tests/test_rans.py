@@ -3,7 +3,9 @@ reference, quantiser spec, overhead vs. ideal, error messages and corrupted stre
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import re
 import sys
 import types
 
@@ -675,6 +677,284 @@ def test_decoder_errors():
         RansDecoder(bytes([data[0] | 4]) + data[1:])
     with pytest.raises(ValueError, match="shorter than its header and states"):
         RansDecoder(data[:4])
+
+
+# ----------------------------------------------------------------------------- misuse
+
+IN_USE = r"RansEncoder is in use by another thread: use one RansEncoder per thread"
+DEC_IN_USE = r"RansDecoder is in use by another thread: use one RansDecoder per thread"
+
+
+def _overlap_raises(slow, probe, attempts: int = 30) -> BaseException | None:
+    """Runs ``slow()`` (a GIL-free call of ~10 ms) in a thread and calls ``probe()`` from this
+    one while it runs; returns the first exception ``probe`` raised, or None if no attempt
+    overlapped. ``slow`` may itself be refused as in use when a probe entered first (either
+    side of a collision can be the one refused); any other error of ``slow`` is raised."""
+    import threading
+
+    for _ in range(attempts):
+        started, errors = threading.Event(), []
+
+        def work(started=started, errors=errors):
+            started.set()
+            try:
+                slow()
+            except RuntimeError as exc:
+                if "in use by another thread" not in str(exc):
+                    errors.append(exc)
+            except BaseException as exc:  # re-raised below
+                errors.append(exc)
+
+        t = threading.Thread(target=work)
+        t.start()
+        started.wait()
+        caught = None
+        while t.is_alive() and caught is None:
+            try:
+                probe()
+            except RuntimeError as exc:
+                caught = exc
+        t.join()
+        if errors:
+            raise errors[0]
+        if caught is not None:
+            return caught
+    return None
+
+
+def test_one_encoder_or_decoder_per_thread():
+    """A second thread entering an encoder or decoder that is busy gets RuntimeError naming the
+    problem (it was a double free, or a SIGFPE when finish() raced an encode); separate
+    objects never conflict. test_many_threads_one_encoder_never_crash checks that the
+    running call is unaffected."""
+    rng = np.random.default_rng(70)
+    n, k = 200_000, 16
+    p = make_probs(rng, n, k, "softmax")
+    s = sample(rng, p)
+    enc = RansEncoder()
+    for probe in (lambda: enc.pending, enc.finish, lambda: enc.encode_probs(s[:3], p[:3])):
+        exc = _overlap_raises(lambda: enc.encode_probs(s, p), probe)
+        assert exc is not None and re.match(IN_USE, str(exc)), exc
+    enc.finish()
+    exc = _overlap_raises(lambda: enc.encode_probs(s, p), lambda: RansEncoder().pending, 3)
+    assert exc is None  # another encoder: no conflict
+    data = encode_probs(s, p)
+    decoders = []
+
+    def fresh_decode():
+        decoders.append(RansDecoder(data))
+        decoders[-1].decode_probs(p)
+
+    exc = _overlap_raises(fresh_decode, lambda: decoders and decoders[-1].decoded)
+    assert exc is not None and re.match(DEC_IN_USE, str(exc)), exc
+    def finish_early():  # ValueError (not consumed) unless it collides with the decode
+        with contextlib.suppress(ValueError):
+            decoders and decoders[-1].finish()
+
+    exc = _overlap_raises(fresh_decode, finish_early)
+    assert exc is not None and re.match(DEC_IN_USE, str(exc)), exc
+    exc = _overlap_raises(lambda: RansDecoder(data).decode_probs(p), lambda: decoders[0].decoded, 3)
+    assert exc is None
+
+
+def test_many_threads_one_encoder_never_crash():
+    """Four threads hammering one encoder (pushes of the same batch, finish, pending): every
+    call either works or raises the in-use RuntimeError, and each returned stream decodes to
+    a whole number of batches."""
+    import threading
+
+    rng = np.random.default_rng(71)
+    n, k = 20_000, 64
+    p = make_probs(rng, n, k, "softmax")
+    s = sample(rng, p)
+    enc = RansEncoder()
+    streams, other, pushes, lock = [], [], [0], threading.Lock()
+
+    def worker(role):
+        for _ in range(15):
+            try:
+                if role == "finish":
+                    streams.append(enc.finish())
+                elif role == "pending":
+                    assert enc.pending >= 0
+                else:
+                    enc.encode_probs(s, p)
+                    with lock:
+                        pushes[0] += 1
+            except RuntimeError as exc:
+                if not re.match(IN_USE, str(exc)):
+                    other.append(exc)
+            except BaseException as exc:
+                other.append(exc)
+
+    roles = ("push", "push", "finish", "pending")
+    threads = [threading.Thread(target=worker, args=(r,)) for r in roles]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert other == []
+    streams.append(enc.finish())
+    batches = 0
+    for data in streams:
+        dec = RansDecoder(data)
+        while data:  # b"" holds no batch
+            np.testing.assert_array_equal(dec.decode_probs(p), s)
+            batches += 1
+            with contextlib.suppress(ValueError):
+                dec.finish()
+                break
+        dec.finish()
+    assert batches == pushes[0]
+
+
+_THREAD_LIMIT_SCRIPT = r"""
+import resource, sys
+import numpy as np
+from pqmim_kernels.coding import RansEncoder, decode_probs, encode_probs, quantize_probs
+
+rng = np.random.default_rng(0)
+n, k = 1 << 14, 256
+p = rng.random((n, k), dtype=np.float32)
+s = rng.integers(0, k, n)
+cdfs, data = quantize_probs(p), encode_probs(s, p)
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+vm = int(status["VmSize"].split()[0]) * 1024
+# room for the coder's buffers (~50 MB here), not for hundreds of 8 MiB thread stacks
+resource.setrlimit(resource.RLIMIT_AS, (vm + (96 << 20),) * 2)
+assert (quantize_probs(p, num_threads=1000) == cdfs).all()
+assert encode_probs(s, p, num_threads=1000) == data
+enc = RansEncoder(num_threads=1000)
+enc.encode_cdfs(s, cdfs)
+assert enc.finish() == data
+assert (decode_probs(data, p, num_threads=1000) == s).all()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux")
+def test_thread_start_failure_falls_back_to_fewer_threads():
+    """num_threads=1000 under an address-space limit, in a child process: the threads that
+    cannot start are done by the calling thread (same results); it was std::terminate."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", _THREAD_LIMIT_SCRIPT], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"
+
+
+def test_cdf_rows_checked_in_full():
+    """encode_cdfs refuses rows that are valid around their symbol but not elsewhere: such rows
+    gave overlapping intervals, streams that decoded to other symbols and still passed
+    finish() (issue 14: 609 of 2,000)."""
+    rng = np.random.default_rng(72)
+    P, M = 10, 1 << 10
+    refused = 0
+    for _ in range(2000):
+        k = int(rng.integers(3, 30))
+        c = np.sort(rng.choice(np.arange(1, M), k - 1, replace=False))
+        c = np.concatenate([[0], c, [M]]).astype(np.int32)
+        sym = int(rng.integers(0, k))
+        others = [j for j in range(1, k) if j not in (sym, sym + 1)]
+        if others:  # one entry away from the symbol's interval moved anywhere
+            c[rng.choice(others)] = rng.integers(0, M + 1)
+        valid = (np.diff(c) > 0).all()
+        enc = RansEncoder(P)
+        try:
+            enc.encode_cdfs(np.array([sym]), c[None])
+        except ValueError as exc:
+            assert not valid and re.match(r"cdfs row 0 (is not|must start)", str(exc)), exc
+            refused += 1
+            continue
+        assert valid
+        assert RansDecoder(enc.finish(), P).decode_cdfs(c[None])[0] == sym
+    assert refused > 1000
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cdf_row_errors_name_the_first_bad_row(threads):
+    P, M = 8, 256
+    n, k = 50_000, 4
+    good = np.tile(np.arange(k + 1, dtype=np.int32) * (M // k), (n, 1))
+    s = np.zeros(n, np.int64)
+    enc = RansEncoder(P, num_threads=threads)
+    bad = good.copy()
+    bad[31_000, 3] = bad[31_000, 2]  # symbol 0's interval is fine, entry 3 is not
+    bad[40_000, 2] = 0
+    with pytest.raises(
+        ValueError, match=r"^cdfs row 31000 is not strictly increasing at entry 3 \(128 then 128\)$"
+    ):
+        enc.encode_cdfs(s, bad)
+    s1 = s.copy()
+    s1[7] = 1
+    bad2 = good.copy()
+    bad2[7, 4] = 255
+    with pytest.raises(ValueError, match=r"^cdfs row 7 is not a valid CDF for symbol 1"):
+        enc.encode_cdfs(s1, bad2)
+    bad2 = good.copy()
+    bad2[7, 0] = 1  # symbol 1's interval is fine, the row does not start at 0
+    msg = r"^cdfs row 7 must start at 0 and end at 2\^precision = 256, got 1 \.\. 256$"
+    with pytest.raises(ValueError, match=msg):
+        enc.encode_cdfs(s1, bad2)
+    with pytest.raises(ValueError, match=r"^cdf_table row 1 is not strictly increasing at entry 3"):
+        enc.encode_indexed(s[:2], np.array([0, 1]), bad[30_999:31_001])
+    assert enc.pending == 0
+    enc.encode_cdfs(s, good)
+    assert enc.pending == n
+
+
+def test_concurrent_writes_to_inputs_never_crash():
+    """Another thread writing to the input arrays during calls (a caller's bug): results are
+    unspecified, but every call returns or raises ValueError, never crashes."""
+    import threading
+
+    rng = np.random.default_rng(73)
+    n, k = 30_000, 32
+    p = make_probs(rng, n, k, "softmax")
+    s = sample(rng, p)
+    cdfs = quantize_probs(p)
+    table, ix = cdfs[:64].copy(), rng.integers(0, 64, n)
+    data = encode_probs(s, p)
+    stop = threading.Event()
+
+    def scribble():
+        r = np.random.default_rng(74)
+        while not stop.is_set():
+            rows = r.integers(0, n, 50)
+            p[rows] = r.random((50, k), dtype=np.float32) * r.choice([0, 1, 1e30], (50, 1))
+            cdfs[rows, r.integers(1, k, 50)] = r.integers(-5, 1 << 25, 50)
+            table[r.integers(0, 64, 4), r.integers(1, k, 4)] = r.integers(-5, 1 << 25, 4)
+            ix[rows] = r.integers(-3, 70, 50)
+
+    t = threading.Thread(target=scribble)
+    t.start()
+    outcomes = set()
+    try:
+        for i in range(30):
+            try:
+                if i % 5 == 0:
+                    RansEncoder(num_threads=2).encode_probs(s, p)
+                elif i % 5 == 1:
+                    enc = RansEncoder()
+                    enc.encode_cdfs(s, cdfs)
+                    enc.finish()
+                elif i % 5 == 2:
+                    enc = RansEncoder()
+                    enc.encode_indexed(np.minimum(s, k - 1), np.clip(ix, 0, 63), table)
+                    enc.finish()
+                elif i % 5 == 3:
+                    RansDecoder(data, num_threads=2).decode_probs(p)
+                else:
+                    RansDecoder(data).decode_indexed(np.clip(ix, 0, 63), table)
+                outcomes.add("returned")
+            except ValueError:
+                outcomes.add("ValueError")
+    finally:
+        stop.set()
+        t.join()
+    assert outcomes <= {"returned", "ValueError"}
 
 
 # ----------------------------------------------------------------------------- corruption

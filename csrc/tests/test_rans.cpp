@@ -2,12 +2,20 @@
 // AddressSanitizer + UBSan (-DPQMIM_SANITIZE=ON), which is what gives the corrupted-stream
 // tests their teeth: decoding garbage must throw Error or finish, never touch bad memory.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#endif
 
 #include "rans.hpp"
 
@@ -29,6 +37,21 @@ bool throws(Fn fn) {
     return true;
   }
   return false;
+}
+
+// The message of the rc::Error fn throws ("" if none).
+template <class Fn>
+std::string error_of(Fn fn) {
+  try {
+    fn();
+  } catch (const rc::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+bool contains(const std::string& s, const std::string& part) {
+  return s.find(part) != std::string::npos;
 }
 
 namespace {
@@ -308,6 +331,204 @@ void test_errors() {
   CHECK(throws([&] { d0.pop_cdfs(cdf.data(), 1, 2, &out); }));
 }
 
+// Full CDF row validation in push_cdfs: rows that are valid around their symbol but not
+// elsewhere are refused (they gave overlapping intervals: streams decoding to other symbols
+// that still passed finish()), with the row and entry named; the encoder is left unchanged.
+void test_cdf_validation(std::mt19937_64& rng) {
+  const int precision = 8;
+  const int32_t M = 1 << precision;
+  rc::Encoder enc(precision, 0, 2);
+  int64_t refused = 0;
+  for (int it = 0; it < 2000; ++it) {
+    const int64_t k = 3 + static_cast<int64_t>(rng() % 20);
+    std::vector<int32_t> c(static_cast<size_t>(k + 1));
+    for (int64_t i = 1; i < k; ++i) c[static_cast<size_t>(i)] = static_cast<int32_t>(rng() % M);
+    c[0] = 0;
+    c[static_cast<size_t>(k)] = M;
+    std::sort(c.begin(), c.end());
+    const int64_t s = static_cast<int64_t>(rng() % static_cast<uint64_t>(k));
+    c[static_cast<size_t>(s)] = static_cast<int32_t>(rng() % (M - 1));  // locally valid...
+    c[static_cast<size_t>(s + 1)] = c[static_cast<size_t>(s)] + 1;
+    c[0] = s == 0 ? c[0] : 0;
+    if (s + 1 == k) c[static_cast<size_t>(k)] = M, c[static_cast<size_t>(s)] = M - 1;
+    bool valid = c[0] == 0 && c[static_cast<size_t>(k)] == M;
+    for (int64_t i = 0; i < k; ++i) valid = valid && c[static_cast<size_t>(i)] < c[static_cast<size_t>(i + 1)];
+    const std::string e = error_of([&] { enc.push_cdfs(&s, c.data(), 1, k); });
+    CHECK(valid == e.empty());
+    if (!valid) {
+      ++refused;
+      CHECK(contains(e, "cdfs row 0 "));
+    }
+  }
+  CHECK(refused > 1000);
+  // Row and entry named; a bad later row refuses the whole call (threads split the rows).
+  const int64_t n = 100000, k = 4;
+  std::vector<int32_t> rows(static_cast<size_t>(n * (k + 1)));
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t i = 0; i <= k; ++i) rows[static_cast<size_t>(r * (k + 1) + i)] = static_cast<int32_t>(i * M / k);
+  std::vector<int64_t> sym(static_cast<size_t>(n), 0);
+  const int64_t before = enc.pending();
+  rows[static_cast<size_t>(77777 * (k + 1) + 3)] = rows[static_cast<size_t>(77777 * (k + 1) + 2)];
+  rows[static_cast<size_t>(88888 * (k + 1) + 2)] = 0;
+  std::string e = error_of([&] { enc.push_cdfs(sym.data(), rows.data(), n, k); });
+  CHECK(e == "cdfs row 77777 is not strictly increasing at entry 3 (128 then 128)");
+  CHECK(enc.pending() == before);
+  rows[static_cast<size_t>(77777 * (k + 1))] = 5;
+  e = error_of([&] { enc.push_cdfs(sym.data(), rows.data(), n, k); });
+  CHECK(contains(e, "cdfs row 77777 is not a valid CDF for symbol 0"));
+  sym[5] = 1;
+  rows[static_cast<size_t>(5 * (k + 1) + 4)] = M - 1;
+  e = error_of([&] { enc.push_cdfs(sym.data(), rows.data(), n, k); });
+  CHECK(contains(e, "cdfs row 5 is not a valid CDF for symbol 1"));
+  e = error_of([&] { rc::check_cdf_table(rows.data(), n, k, precision, "tbl"); });
+  CHECK(e == "tbl row 5 must start at 0 and end at 2^precision = 256, got 0 .. 255");
+}
+
+// One object per thread: a second thread entering a busy Encoder or Decoder gets InUse, the
+// running call is unaffected, and separate objects run in parallel with identical results.
+// Under TSan this also checks that the guard orders the object's memory correctly.
+void test_in_use() {
+  const int64_t n = 40000, k = 16;
+  std::vector<float> probs(static_cast<size_t>(n * k));
+  std::mt19937_64 rng(7);
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  for (auto& v : probs) v = u(rng);
+  std::vector<int64_t> sym(static_cast<size_t>(n));
+  for (auto& s : sym) s = static_cast<int64_t>(rng() % k);
+  auto in_use = [](auto fn) {
+    try {
+      fn();
+    } catch (const rc::InUse& e) {
+      CHECK(contains(e.what(), "is in use by another thread: use one "));
+      return 1;
+    }
+    return 0;
+  };
+  rc::Encoder shared;
+  std::atomic<int> busy_seen{0}, pushes{0};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < 4; ++t)
+    pool.emplace_back([&, t] {
+      for (int i = 0; i < 8; ++i) {
+        int seen = 0;
+        if (t == 3)  // finish() racing the pushes (was a SIGFPE)
+          seen = in_use([&] { (void)shared.finish(); });
+        else if (t == 2)
+          seen = in_use([&] { (void)shared.pending(); });
+        else if (!(seen = in_use([&] { shared.push_probs(sym.data(), probs.data(), n / 8, k); })))
+          pushes.fetch_add(1);
+        busy_seen.fetch_add(seen);
+      }
+    });
+  for (auto& th : pool) th.join();
+  pool.clear();
+  std::printf("one encoder from 4 threads: %d in-use refusals, %d pushes\n", busy_seen.load(),
+              pushes.load());
+  // Separate encoders and decoders in parallel: the same bytes and symbols as one thread.
+  rc::Encoder one;
+  one.push_probs(sym.data(), probs.data(), n, k);
+  const std::vector<uint8_t> ref = one.finish();
+  std::atomic<int> good{0};
+  for (int t = 0; t < 3; ++t)
+    pool.emplace_back([&] {
+      rc::Encoder e(rc::kDefaultPrecision, 0, 2);
+      e.push_probs(sym.data(), probs.data(), n, k);
+      std::vector<uint8_t> data = e.finish();
+      rc::Decoder d(data.data(), data.size(), rc::kDefaultPrecision, 2);
+      std::vector<int64_t> out(static_cast<size_t>(n));
+      d.pop_probs(probs.data(), n, k, out.data());
+      d.finish();
+      good.fetch_add(data == ref && out == sym);
+    });
+  for (auto& th : pool) th.join();
+  pool.clear();
+  CHECK(good.load() == 3);
+  // A decoder shared by threads: refusals, never a torn state; it still decodes correctly
+  // when the racing calls are only queries.
+  rc::Decoder dec(ref.data(), ref.size());
+  std::atomic<bool> done{false};
+  std::thread query([&] {
+    while (!done.load()) busy_seen.fetch_add(in_use([&] { (void)dec.decoded(); }));
+  });
+  std::vector<int64_t> out(static_cast<size_t>(n));
+  for (int64_t lo = 0; lo < n; lo += n / 4)
+    dec.pop_probs(probs.data() + lo * k, n / 4, k, out.data() + lo);
+  done.store(true);
+  query.join();
+  dec.finish();
+  CHECK(out == sym);
+}
+
+// quantize_probs / push_probs / pop_probs asked for more threads than the system will start
+// (an address-space limit in a child process): the missing threads' work is done by the
+// calling thread, same results, no std::terminate. Skipped under the sanitizers, whose shadow
+// memory cannot live under an address-space limit.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define PQMIM_UNDER_SANITIZER 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define PQMIM_UNDER_SANITIZER 1
+#endif
+#endif
+void test_thread_start_failure() {
+#if defined(__linux__) && !defined(PQMIM_UNDER_SANITIZER)
+  const int64_t n = 1 << 14, k = 256;
+  std::vector<float> probs(static_cast<size_t>(n * k));
+  std::mt19937_64 rng(9);
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  for (auto& v : probs) v = u(rng);
+  std::vector<int64_t> sym(static_cast<size_t>(n));
+  for (auto& s : sym) s = static_cast<int64_t>(rng() % k);
+  std::vector<int32_t> ref(static_cast<size_t>(n * (k + 1))), got(ref.size());
+  rc::quantize_probs(probs.data(), n, k, 24, ref.data(), 1);
+  rc::Encoder e1;
+  e1.push_probs(sym.data(), probs.data(), n, k);
+  const std::vector<uint8_t> ref_bytes = e1.finish();
+  std::fflush(stdout);
+  const pid_t pid = fork();
+  CHECK(pid >= 0);
+  if (pid == 0) {
+    // Room for the coder's buffers, not for 1000 thread stacks of 8 MiB.
+    long vm_kb = 0;
+    if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+      long pages = 0;
+      if (std::fscanf(f, "%ld", &pages) == 1) vm_kb = pages * (sysconf(_SC_PAGESIZE) / 1024);
+      std::fclose(f);
+    }
+    struct rlimit lim;
+    lim.rlim_cur = lim.rlim_max = static_cast<rlim_t>(vm_kb + 64 * 1024) * 1024;
+    if (vm_kb == 0 || setrlimit(RLIMIT_AS, &lim) != 0) _exit(3);
+    // Check that the limit bites: 100 threads of 8 MiB stacks do not fit under it.
+    std::vector<std::thread> probe;
+    try {
+      for (int i = 0; i < 100; ++i) probe.emplace_back([] {});
+    } catch (...) {
+    }
+    const bool limited = probe.size() < 100;
+    for (auto& th : probe) th.join();
+    if (!limited) _exit(4);
+    rc::quantize_probs(probs.data(), n, k, 24, got.data(), 1000);
+    if (got != ref) _exit(5);
+    rc::Encoder e(rc::kDefaultPrecision, 0, 1000);
+    e.push_probs(sym.data(), probs.data(), n, k);
+    if (e.finish() != ref_bytes) _exit(6);
+    rc::Decoder d(ref_bytes.data(), ref_bytes.size(), rc::kDefaultPrecision, 1000);
+    std::vector<int64_t> out(static_cast<size_t>(n));
+    d.pop_probs(probs.data(), n, k, out.data());
+    d.finish();
+    _exit(out == sym ? 0 : 7);
+  }
+  int status = 0;
+  CHECK(waitpid(pid, &status, 0) == pid);
+  if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0))
+    std::fprintf(stderr, "thread-start-failure child: %s %d\n",
+                 WIFEXITED(status) ? "exit" : "signal",
+                 WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  std::printf("1000 threads asked under an address-space limit: same results, no abort\n");
+#endif
+}
+
 }  // namespace
 
 int main() {
@@ -318,6 +539,9 @@ int main() {
   test_threaded_decode(rng);
   test_corrupted_streams(rng);
   test_corrupted_streams_indexed_and_probs(rng);
+  test_cdf_validation(rng);
+  test_in_use();
+  test_thread_start_failure();
   std::printf("test_rans: all checks passed\n");
   return 0;
 }

@@ -17,9 +17,20 @@ distributions computed from the decoded stages ``< s``.
 state is back there and every byte was read (~31 bits of check per state), which catches
 truncated or corrupted data and decoding with distributions different from the encoder's.
 
+**Threads.** Every coding call releases the GIL. The contract: one :class:`RansEncoder` or
+:class:`RansDecoder` per thread; different objects code in parallel, GIL-free. An object
+entered by a second thread while a call on it is running (``encode_*``, ``decode_*``,
+``finish``, ``pending``, ``decoded``) raises :class:`RuntimeError` ("RansEncoder is in use by
+another thread ...") in that second thread and the running call is unaffected; nothing is
+serialised behind a lock (the order of two threads' symbols in one stream would be
+arbitrary). Input arrays must not be written by another thread during a call: the result is
+then unspecified (a ``ValueError`` or wrong symbols), but never a crash. ``num_threads``
+asks for worker threads; when the system refuses to start some (thread or address-space
+limits), the calling thread does their share: same result, less parallelism.
+
 Inputs are numpy arrays or CPU torch tensors (taken zero-copy when already contiguous with
 the native dtype). Bad input raises :class:`ValueError` (wrong values or shapes) or
-:class:`TypeError` (wrong dtypes).
+:class:`TypeError` (wrong dtypes); running out of memory raises :class:`MemoryError`.
 """
 
 from __future__ import annotations
@@ -165,7 +176,8 @@ class RansEncoder:
     Args:
         precision: P in [1, 24], frequencies sum to ``2**P`` (default 24). The decoder must
             use the same value (it is recorded in the stream header and checked).
-        num_threads: threads used to quantise float distributions in :meth:`encode_probs`.
+        num_threads: threads used to quantise float distributions in :meth:`encode_probs`
+            and to check CDF rows in :meth:`encode_cdfs`.
         lanes: interleaved states, 1, 2, 4 or 8; ``None`` chooses 1 below 65,536 symbols and
             4 above (the reference coder takes the same parameter).
     """
@@ -192,10 +204,14 @@ class RansEncoder:
         self._enc.push_probs(s, p)
 
     def encode_cdfs(self, symbols: Any, cdfs: Any) -> None:
-        """Buffer ``symbols`` (N,) with integer CDFs ``cdfs`` (N, K + 1) (int32 preferred; each
-        row 0, strictly increasing, ``2**precision``). Only the two entries around each symbol
-        and the row's last entry are checked here (a full check would cost more than the
-        coding); the decoder checks the entries its search uses."""
+        """Buffer ``symbols`` (N,) with integer CDFs ``cdfs`` (N, K + 1) (int32 preferred).
+
+        Every row is checked in full, once: 0, strictly increasing, ``2**precision``; a bad
+        row raises ValueError naming it (``cdfs row 7 is not strictly increasing at entry 3
+        ...``). The check is one sequential read of the array (memory bound: it costs about
+        as much as quantize_probs writing it), split over ``num_threads``. The decoder only
+        checks the entries its search uses: decoding with other CDFs than the encoder's is
+        caught by :meth:`RansDecoder.finish`."""
         s = _int_vector(symbols, "symbols")
         c = _cdfs(cdfs, "cdfs", self.precision)
         _same_rows(c, s.shape[0], "cdfs")
@@ -228,7 +244,8 @@ class RansDecoder:
         precision: must equal the encoder's (default 24).
         num_threads: threads used to quantise float distributions in :meth:`decode_probs`.
 
-    A decoder that raised while decoding is left in an undefined state; start a new one.
+    A decoder that raised ValueError while decoding is left in an undefined state; start a
+    new one (an "in use by another thread" RuntimeError changes nothing).
     """
 
     def __init__(self, data: Any, precision: int | None = None, *, num_threads: int = 1):
