@@ -27,10 +27,17 @@ region (its only way to take them). constriction has no indexed API; it gets one
 per table and the symbols grouped by table, the grouping (stable argsort of the indexes,
 gather, and the scatter back on decode) timed as part of its work ("constriction") and, to
 show its raw coding speed, done outside the timed region ("constriction_pregrouped").
+
+Compare providers by throughput, not by pytest-benchmark's time columns: those are seconds per
+call, and the calls code different N (the eager reference codes ``REF_N`` = 2,000 symbols, so
+it "wins" every time ranking). After a run this file prints each group's M symbols/s, best
+first; ``python bench/bench_rans.py RESULTS.json`` prints the Markdown tables of
+``bench/README.md`` from a saved ``--benchmark-json`` file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -43,6 +50,7 @@ from pqmim_kernels import coding
 from pqmim_kernels.reference import rans as ref
 
 REF_N = 2000
+_RESULTS: list[dict] = []  # one row per benchmark run here, for the throughput summary
 THREADS = os.cpu_count() or 1
 HAVE = {m: importlib.util.find_spec(m) is not None for m in ("constriction", "torchac")}
 
@@ -110,6 +118,34 @@ def record(benchmark, scenario, provider, op, n, k, nbytes=None, ideal=None, **e
         benchmark.extra_info["overhead_pct"] = 100.0 * (8 * nbytes - ideal) / ideal
     mean = benchmark.stats.stats.mean
     benchmark.extra_info["msym_per_s"] = n / mean / 1e6
+    _RESULTS.append(
+        {"group": benchmark.group, "provider": provider, "N": n, "mean_s": mean,
+         "msym_per_s": n / mean / 1e6}
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _throughput_summary(request):
+    """After this file's benchmarks: M symbols/s per group, best first (like with like)."""
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or not _RESULTS:
+        return
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        reporter.write_line("")
+        reporter.write_sep("-", "rANS throughput (M symbols/s; each provider's own N)")
+        for group in dict.fromkeys(r["group"] for r in _RESULTS):
+            rows = sorted(
+                (r for r in _RESULTS if r["group"] == group), key=lambda r: -r["msym_per_s"]
+            )
+            reporter.write_line(group)
+            for r in rows:
+                reporter.write_line(
+                    f"  {r['provider']:<24} {r['msym_per_s']:>9.2f} M sym/s   "
+                    f"N = {r['N']:>9,}   {1e3 * r['mean_s']:>10.2f} ms per call"
+                )
+    _RESULTS.clear()
 
 
 def run(benchmark, fn, heavy=True):
@@ -375,3 +411,85 @@ def bench_c_indexed(benchmark, provider, op):
     if op == "decode":
         assert np.array_equal(np.asarray(out).astype(np.int64), expected)
     record(benchmark, "c", provider, op, n, 256, len(data), ideal, tables=64, **extra)
+
+
+# ---- Markdown tables of bench/README.md from a saved JSON --------------------------------------
+
+_LABELS = {
+    "ours": "ours",
+    "ours_mt": "ours, {threads} threads",
+    "constriction": "constriction",
+    "constriction_pregrouped": "constriction, pre-grouped",
+    "torchac": "torchac",
+    "reference": "reference",
+}
+
+
+def markdown_tables(results: dict) -> str:
+    """The (a), (b), (c) tables of ``bench/README.md`` from a pytest-benchmark JSON of this file:
+    millions of symbols per second, each column headed with the N its provider coded."""
+    rows: dict = {}
+    for b in results["benchmarks"]:
+        e = b["extra_info"]
+        rows[(e["scenario"], e["K"], e["op"], e["provider"])] = e
+
+    def cell(key, bold=False):
+        e = rows.get(key)
+        if e is None:
+            return "—"
+        return f"**{e['msym_per_s']:.2f}**" if bold else f"{e['msym_per_s']:.2f}"
+
+    def header(scenario, providers):
+        """[(provider, column title)] and the N most columns coded (others name theirs)."""
+        found = {}
+        for p in providers:
+            es = [e for (s, _, _, q), e in rows.items() if s == scenario and q == p]
+            if es:
+                found[p] = es[0]
+        main_n = max((e["N"] for e in found.values()), default=0)
+        cols = []
+        for p, e in found.items():
+            label = _LABELS[p].format(threads=e.get("threads", "N"))
+            cols.append((p, label if e["N"] == main_n else f"{label} (N = {e['N']:,})"))
+        return cols, main_n
+
+    out = []
+    for scenario, providers, ks in (
+        ("a", PROVIDERS_A, (256, 1024)),
+        ("b", PROVIDERS_B, (256, 1024)),
+        ("c", PROVIDERS_C, (256,)),
+    ):
+        cols, main_n = header(scenario, providers)
+        ratio = scenario == "a" and any(p == "constriction" for p, _ in cols)
+        lead = [] if scenario == "c" else ["K"]
+        head = [*lead, "op", *(h for _, h in cols)] + (["ours / constriction"] if ratio else [])
+        out.append(f"**({scenario})** M symbols/s, N = {main_n:,} symbols per call:\n")
+        out.append("| " + " | ".join(head) + " |")
+        align = ["---:"] * len(lead) + ["---"] + ["---:"] * (len(head) - len(lead) - 1)
+        out.append("|" + "|".join(align) + "|")
+        for k in ks:
+            for op in ("encode", "decode"):
+                line = [*([str(k)] if lead else []), op]
+                line += [cell((scenario, k, op, p), bold=p == "ours") for p, _ in cols]
+                if ratio:
+                    ours, peer = (
+                        rows.get(("a", k, op, "ours")),
+                        rows.get(("a", k, op, "constriction")),
+                    )
+                    line.append(
+                        f"**{ours['msym_per_s'] / peer['msym_per_s']:.1f}×**"
+                        if ours and peer
+                        else "—"
+                    )
+                out.append("| " + " | ".join(line) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    path = sys.argv[1] if len(sys.argv) > 1 else "bench/results/rans_cpu-amd-epyc-2core.json"
+    with open(path) as f:
+        print(markdown_tables(json.load(f)))
