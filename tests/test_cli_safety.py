@@ -444,3 +444,28 @@ def test_train_help_shows_defaults_and_the_default_example():
     assert vars(parser.parse_args(example.split()[1:])) == vars(defaults)
     assert set(defaults.train_fields) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(defaults.model_fields) == {f.name for f in dataclasses.fields(PQMIMConfig)}
+
+
+def test_dataclass_fields_reads_defaults_and_comments_from_source(tmp_path):
+    from pqmim_kernels.cli.train import dataclass_fields
+
+    src = tmp_path / "cfg.py"
+    src.write_text(
+        "class C:\n"
+        '    """doc"""\n\n'
+        '    a: str = "x#y"  # the a\n'
+        "    b: int = 3\n"
+        "    c: tuple[int, int] = (1,\n"
+        "        2)  # two\n"
+        "class D:\n"
+        "    x: int = len('ab')\n"
+    )
+    assert dataclass_fields(src, "C") == [
+        ("a", "str", "x#y", "the a"),
+        ("b", "int", 3, ""),
+        ("c", "tuple[int, int]", (1, 2), "two"),
+    ]
+    with pytest.raises(ValueError, match="no class E"):
+        dataclass_fields(src, "E")
+    with pytest.raises(ValueError):  # not a literal: the caller falls back to importing
+        dataclass_fields(src, "D")

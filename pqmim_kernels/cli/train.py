@@ -100,8 +100,8 @@ def dataclass_fields(path: Path, class_name: str) -> list[tuple[str, str, object
         if stmt.value is None:
             raise ValueError(f"{path}: {class_name}.{stmt.target.id} has no default")
         default = ast.literal_eval(stmt.value)  # ValueError for a non-literal default
-        line = lines[stmt.end_lineno - 1]
-        comment = line.split("#", 1)[1].strip() if "#" in line else ""
+        rest = lines[stmt.end_lineno - 1][stmt.end_col_offset :].strip()  # after the default
+        comment = rest[1:].strip() if rest.startswith("#") else ""
         out.append((stmt.target.id, ast.unparse(stmt.annotation), default, comment))
     return out
 
