@@ -434,8 +434,9 @@ CallGuard::CallGuard(std::atomic<bool>& busy, const char* what) : busy_(busy) {
 // ----------------------------------------------------------------------------------------
 // Encoder
 
-Encoder::Encoder(int precision, int lanes, int num_threads)
-    : precision_(precision), lanes_(lanes), num_threads_(std::max(1, num_threads)) {
+Encoder::Encoder(int precision, int lanes, int num_threads, Framing framing)
+    : precision_(precision), lanes_(lanes), num_threads_(std::max(1, num_threads)),
+      framing_(framing) {
   check_precision(precision);
   if (lanes != 0 && lanes != 1 && lanes != 2 && lanes != 4 && lanes != 8)
     throw Error("lanes must be 0 (automatic), 1, 2, 4 or 8, got " + std::to_string(lanes));
@@ -555,12 +556,13 @@ std::vector<uint8_t> Encoder::finish() {
   const int64_t n = static_cast<int64_t>(start_.size());
   std::vector<uint8_t> bytes;
   if (n == 0) return bytes;
-  int lanes = lanes_ != 0 ? lanes_ : (n >= kInterleaveMinSymbols ? kInterleavedLanes : 1);
+  const int lanes = lanes_for(lanes_, n);
+  const bool compact = framing_ == Framing::kCompact && lanes == 1;
   uint64_t state[kMaxLanes];
-  std::fill(state, state + kMaxLanes, kLow);
-  // At most one word per symbol, usually far fewer: left uninitialised so that only the
-  // pages actually written are ever touched.
-  std::unique_ptr<uint32_t[]> stack(new uint32_t[static_cast<size_t>(n)]);
+  std::fill(state, state + kMaxLanes, compact ? 0 : kLow);
+  // At most one word per symbol (plus the compact final flush), usually far fewer: left
+  // uninitialised so that only the pages actually written are ever touched.
+  std::unique_ptr<uint32_t[]> stack(new uint32_t[static_cast<size_t>(n) + 1]);
   size_t words = 0;
   switch (lanes) {
     case 1: words = encode_lanes<1>(start_.data(), freq_.data(), n, precision_, state, stack.get()); break;
@@ -568,17 +570,46 @@ std::vector<uint8_t> Encoder::finish() {
     case 4: words = encode_lanes<4>(start_.data(), freq_.data(), n, precision_, state, stack.get()); break;
     default: words = encode_lanes<8>(start_.data(), freq_.data(), n, precision_, state, stack.get()); break;
   }
-  // Lane 0 is written in as few bytes as its value needs (5..8; states are >= 2^31 so 4
-  // bytes never suffice), the decoder infers the count from the length modulo 4.
-  int len0 = 5;
-  while (len0 < 8 && (state[0] >> (8 * len0)) != 0) ++len0;
-  bytes.resize(1 + len0 + 8 * static_cast<size_t>(lanes - 1) + 4 * words);
-  int log2_lanes = lanes == 1 ? 0 : lanes == 2 ? 1 : lanes == 4 ? 2 : 3;
-  bytes[0] = static_cast<uint8_t>(log2_lanes | ((precision_ - 1) << 3));
-  uint8_t* p = bytes.data() + 1;
-  for (int b = 0; b < len0; ++b) *p++ = static_cast<uint8_t>(state[0] >> (8 * b));
-  for (int l = 1; l < lanes; ++l)
-    for (int b = 0; b < 8; ++b) *p++ = static_cast<uint8_t>(state[l] >> (8 * b));
+  uint8_t* p = nullptr;
+  if (compact) {
+    // Final flush (rans.hpp): a state of more than 32 bits gives its low word, read first;
+    // the head is what is left, in as few bytes as it needs (none for state 0, which can
+    // only happen when nothing was emitted: any flush leaves the state >= kLow).
+    uint64_t x = state[0];
+    if (x >> 32) {
+      stack[words++] = static_cast<uint32_t>(x);
+      x >>= 32;
+    }
+    int head = 0;
+    while (head < 4 && (x >> (8 * head)) != 0) ++head;
+    bytes.resize(static_cast<size_t>(head) + 4 * words);
+    p = bytes.data();
+    for (int b = 0; b < head; ++b) *p++ = static_cast<uint8_t>(x >> (8 * b));
+  } else {
+    // Symbols of frequency 2^P (alphabet size 1) at the end leave every state as it was:
+    // their count goes in the header so that decoding past the end always fails.
+    const uint32_t M = uint32_t{1} << precision_;
+    uint64_t trailing = 0;
+    while (static_cast<int64_t>(trailing) < n && freq_[static_cast<size_t>(n) - 1 - trailing] == M)
+      ++trailing;
+    uint8_t varint[10];
+    int vlen = 0;
+    for (uint64_t v = trailing; v != 0; v >>= 7)
+      varint[vlen++] = static_cast<uint8_t>((v & 127) | (v > 127 ? 128 : 0));
+    // Lane 0 is written in as few bytes as its value needs (5..8; states are >= 2^31 so 4
+    // bytes never suffice), the decoder infers the count from the length modulo 4.
+    int len0 = 5;
+    while (len0 < 8 && (state[0] >> (8 * len0)) != 0) ++len0;
+    bytes.resize(1 + static_cast<size_t>(vlen) + len0 + 8 * static_cast<size_t>(lanes - 1) +
+                 4 * words);
+    int log2_lanes = lanes == 1 ? 0 : lanes == 2 ? 1 : lanes == 4 ? 2 : 3;
+    bytes[0] = static_cast<uint8_t>(log2_lanes | (trailing ? 4 : 0) | ((precision_ - 1) << 3));
+    p = bytes.data() + 1;
+    for (int b = 0; b < vlen; ++b) *p++ = varint[b];
+    for (int b = 0; b < len0; ++b) *p++ = static_cast<uint8_t>(state[0] >> (8 * b));
+    for (int l = 1; l < lanes; ++l)
+      for (int b = 0; b < 8; ++b) *p++ = static_cast<uint8_t>(state[l] >> (8 * b));
+  }
   for (size_t i = words; i-- > 0; p += 4) put_u32(p, stack[i]);
   start_.release();
   freq_.release();
@@ -588,26 +619,77 @@ std::vector<uint8_t> Encoder::finish() {
 // ----------------------------------------------------------------------------------------
 // Decoder
 
-Decoder::Decoder(const uint8_t* data, size_t size, int precision, int num_threads)
-    : data_(data, data + size), precision_(precision), num_threads_(std::max(1, num_threads)) {
+Decoder::Decoder(const uint8_t* data, size_t size, int precision, int num_threads,
+                 Framing framing, int64_t symbols, int lanes)
+    : data_(data, data + size), precision_(precision), num_threads_(std::max(1, num_threads)),
+      expected_(symbols) {
   check_precision(precision);
+  if (lanes != 0 && lanes != 1 && lanes != 2 && lanes != 4 && lanes != 8)
+    throw Error("lanes must be 0 (automatic), 1, 2, 4 or 8, got " + std::to_string(lanes));
+  if (framing == Framing::kCompact) {
+    if (symbols < 0)
+      throw Error("the compact framing needs the number of symbols the stream holds");
+    if (lanes_for(lanes, symbols) == 1) {
+      parse_compact();
+      return;
+    }
+  }
+  parse_standard(lanes);
+}
+
+void Decoder::parse_compact() {
+  compact_ = true;
+  initial_ = 0;
+  std::fill(state_, state_ + kMaxLanes, uint64_t{0});
+  if (data_.empty()) return;  // final state 0
+  const size_t head = (data_.size() - 1) % 4 + 1;
+  if (data_[head - 1] == 0)
+    throw Error("corrupt compact rANS stream: its head has a leading zero byte");
+  uint64_t x = get_le(data_.data(), static_cast<int>(head));
+  pos_ = head;
+  if (x < kLow && data_.size() - pos_ >= 4) x = (x << 32) | read_word();
+  state_[0] = x;
+}
+
+void Decoder::parse_standard(int lanes) {
   std::fill(state_, state_ + kMaxLanes, kLow);
+  const size_t size = data_.size();
   if (size == 0) return;  // the stream of zero symbols
   uint8_t h = data_[0];
   lanes_ = 1 << (h & 3);
   int stream_precision = (h >> 3) + 1;
-  if (h & 4) throw Error("not a rANS stream: reserved header bit is set");
-  if (stream_precision != precision)
+  if (stream_precision != precision_)
     throw Error("stream was written with precision " + std::to_string(stream_precision) +
-                " but the decoder uses precision " + std::to_string(precision) +
+                " but the decoder uses precision " + std::to_string(precision_) +
                 " (or the bytes are not a rANS stream)");
-  size_t fixed = 1 + 8 * static_cast<size_t>(lanes_ - 1);
+  if (lanes != 0 && lanes != lanes_)
+    throw Error("stream has " + std::to_string(lanes_) + " lanes but the decoder was told " +
+                std::to_string(lanes));
+  pos_ = 1;
+  if (h & 4) {  // LEB128 count of trailing K = 1 symbols, canonical and >= 1
+    uint64_t v = 0;
+    for (int shift = 0;; shift += 7) {
+      if (pos_ >= size || shift > 56)
+        throw Error("corrupt rANS stream: its trailing-symbol count is truncated or too long");
+      const uint8_t b = data_[pos_++];
+      v |= uint64_t{b & 127u} << shift;
+      if (!(b & 128)) {
+        if (b == 0) throw Error("corrupt rANS stream: its trailing-symbol count is not canonical");
+        break;
+      }
+    }
+    trailing_ = static_cast<int64_t>(v);
+    if (expected_ >= 0 && trailing_ > expected_)
+      throw Error("corrupt rANS stream: it ends with more symbols of alphabet size 1 (" +
+                  std::to_string(trailing_) + ") than it holds (" + std::to_string(expected_) +
+                  ")");
+  }
+  size_t fixed = pos_ + 8 * static_cast<size_t>(lanes_ - 1);
   if (size < fixed + 5)
     throw Error("rANS stream is truncated: " + std::to_string(size) + " bytes is shorter "
                 "than its header and states");
   static constexpr int kLen0[4] = {8, 5, 6, 7};
   int len0 = kLen0[(size - fixed) % 4];
-  pos_ = 1;
   state_[0] = get_le(data_.data() + pos_, len0);
   pos_ += static_cast<size_t>(len0);
   for (int l = 1; l < lanes_; ++l, pos_ += 8) state_[l] = get_le(data_.data() + pos_, 8);
@@ -617,19 +699,45 @@ Decoder::Decoder(const uint8_t* data, size_t size, int precision, int num_thread
                   " is out of range");
 }
 
+// Callers have checked that 4 bytes are left.
 uint32_t Decoder::read_word() {
-  if (data_.size() - pos_ < 4)
-    throw Error("rANS stream is truncated or corrupt: ran out of bytes after decoding " +
-                std::to_string(count_) + " symbols");
   uint32_t w = static_cast<uint32_t>(get_le(data_.data() + pos_, 4));
   pos_ += 4;
   return w;
 }
 
-void Decoder::need_stream(int64_t n) const {
-  if (n > 0 && data_.empty())
+void Decoder::throw_out_of_bytes() const {
+  throw Error("rANS stream is truncated or corrupt: ran out of bytes after decoding " +
+              std::to_string(count_) + " symbols (or more symbols were asked for than it "
+              "holds)");
+}
+
+bool Decoder::at_end() const {
+  if (pos_ != data_.size()) return false;
+  for (int l = 0; l < lanes_; ++l)
+    if (state_[l] != initial_) return false;
+  return true;
+}
+
+void Decoder::before_pop(int64_t n, int64_t k) {
+  if (n <= 0) return;
+  if (expected_ >= 0 && n > expected_ - count_)
+    throw Error("decoding past the end of the rANS stream: it holds " +
+                std::to_string(expected_) + " symbols, " + std::to_string(count_) +
+                " are decoded and " + std::to_string(n) + " more were asked for");
+  if (data_.empty() && !compact_)
     throw Error("cannot decode " + std::to_string(n) +
                 " symbols from an empty rANS stream (it holds zero symbols)");
+  // K = 1 symbols change no state: at the end of the stream only its trailing count says how
+  // many are left (a K >= 2 symbol there runs out of bytes instead).
+  if (k == 1 && !compact_ && at_end()) {
+    if (n > trailing_ - trailing_used_)
+      throw Error("decoding past the end of the rANS stream: after " +
+                  std::to_string(count_) + " symbols it holds " +
+                  std::to_string(trailing_ - trailing_used_) + " more (of alphabet size 1), " +
+                  std::to_string(n) + " were asked for");
+    trailing_used_ += n;
+  }
 }
 
 namespace {
@@ -675,7 +783,7 @@ size_t Decoder::remaining_bytes() const {
 void Decoder::pop_probs(const float* probs, int64_t n, int64_t k, int64_t* out) {
   CallGuard guard(busy_, "RansDecoder");
   check_alphabet(k, precision_);
-  need_stream(n);
+  before_pop(n, k);
   const uint64_t mask = (uint64_t{1} << precision_) - 1;
   auto decode_row = [&](int64_t r, const uint32_t* f) {
     uint64_t& x = state_[count_ & (lanes_ - 1)];
@@ -683,7 +791,7 @@ void Decoder::pop_probs(const float* probs, int64_t n, int64_t k, int64_t* out) 
     uint32_t c = 0;
     int64_t s = find_slot(f, k, static_cast<uint32_t>(slot), &c);
     advance(x, slot, c, f[s], precision_);
-    if (x < kLow) x = (x << 32) | read_word();
+    renorm(x);
     out[r] = s;
     ++count_;
   };
@@ -772,7 +880,7 @@ void Decoder::pop_probs(const float* probs, int64_t n, int64_t k, int64_t* out) 
 void Decoder::pop_cdfs(const int32_t* cdfs, int64_t n, int64_t k, int64_t* out) {
   CallGuard guard(busy_, "RansDecoder");
   check_alphabet(k, precision_);
-  need_stream(n);
+  before_pop(n, k);
   const int64_t M = int64_t{1} << precision_;
   const uint64_t mask = static_cast<uint64_t>(M - 1);
   constexpr int64_t kAhead = 8;
@@ -793,7 +901,7 @@ void Decoder::pop_cdfs(const int32_t* cdfs, int64_t n, int64_t k, int64_t* out) 
                   "from 0 to 2^precision = " + std::to_string(M) + ")");
     advance(x, static_cast<uint64_t>(slot), static_cast<uint32_t>(c[s]),
             static_cast<uint32_t>(c[s + 1] - c[s]), precision_);
-    if (x < kLow) x = (x << 32) | read_word();
+    renorm(x);
     out[r] = s;
     ++count_;
   }
@@ -807,7 +915,7 @@ void Decoder::pop_indexed(const int64_t* indexes, int64_t n, const int32_t* tabl
     if (indexes[r] < 0 || indexes[r] >= tables)
       throw Error("indexes[" + std::to_string(r) + "] = " + std::to_string(indexes[r]) +
                   " is out of range [0, " + std::to_string(tables) + ")");
-  need_stream(n);
+  before_pop(n, k);
   const uint64_t mask = (uint64_t{1} << precision_) - 1;
   // Per table, bucket b of the top `bits` slot bits maps to the symbol whose interval holds
   // the bucket's first slot; a short forward scan finishes the search. Built per call
@@ -847,7 +955,7 @@ void Decoder::pop_indexed(const int64_t* indexes, int64_t n, const int32_t* tabl
     }
     advance(x, static_cast<uint64_t>(slot), static_cast<uint32_t>(c[s]),
             static_cast<uint32_t>(c[s + 1] - c[s]), precision_);
-    if (x < kLow) x = (x << 32) | read_word();
+    renorm(x);
     out[r] = s;
     ++count_;
   }
@@ -855,15 +963,22 @@ void Decoder::pop_indexed(const int64_t* indexes, int64_t n, const int32_t* tabl
 
 void Decoder::finish() const {
   CallGuard guard(busy_, "RansDecoder");
+  if (expected_ >= 0 && count_ != expected_)
+    throw Error("rANS stream holds " + std::to_string(expected_) + " symbols but " +
+                std::to_string(count_) + " were decoded");
   if (pos_ != data_.size())
     throw Error("rANS stream not fully consumed: " + std::to_string(data_.size() - pos_) +
                 " bytes left after " + std::to_string(count_) +
                 " symbols (fewer symbols decoded than encoded, or corrupt data)");
   for (int l = 0; l < lanes_; ++l)
-    if (state_[l] != kLow)
+    if (state_[l] != initial_)
       throw Error("rANS stream failed its final-state check after " + std::to_string(count_) +
                   " symbols: the data is corrupt, or was decoded with different "
                   "distributions or a different symbol count than it was encoded with");
+  if (trailing_used_ != trailing_)
+    throw Error("rANS stream not fully consumed: " + std::to_string(trailing_ - trailing_used_) +
+                " symbols of alphabet size 1 at its end were not decoded (after " +
+                std::to_string(count_) + " symbols)");
 }
 
 }  // namespace pqmim::rans

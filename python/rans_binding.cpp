@@ -80,8 +80,12 @@ PYBIND11_MODULE(_rans, m) {
       py::arg("cdf_table").noconvert(), py::arg("precision"));
 
   py::class_<rc::Encoder>(m, "Encoder")
-      .def(py::init<int, int, int>(), py::arg("precision"), py::arg("lanes") = 0,
-           py::arg("num_threads") = 1)
+      .def(py::init([](int precision, int lanes, int num_threads, bool compact) {
+             return new rc::Encoder(precision, lanes, num_threads,
+                                    compact ? rc::Framing::kCompact : rc::Framing::kStandard);
+           }),
+           py::arg("precision"), py::arg("lanes") = 0, py::arg("num_threads") = 1,
+           py::arg("compact") = false)
       .def(
           "push_probs",
           [](rc::Encoder& e, carray<int64_t> symbols, carray<float> probs) {
@@ -140,12 +144,16 @@ PYBIND11_MODULE(_rans, m) {
       .def_property_readonly("precision", &rc::Encoder::precision);
 
   py::class_<rc::Decoder>(m, "Decoder")
-      .def(py::init([](const py::bytes& data, int precision, int num_threads) {
+      .def(py::init([](const py::bytes& data, int precision, int num_threads, bool compact,
+                       int64_t symbols, int lanes) {
              std::string_view v = data;
              return new rc::Decoder(reinterpret_cast<const uint8_t*>(v.data()), v.size(),
-                                    precision, num_threads);
+                                    precision, num_threads,
+                                    compact ? rc::Framing::kCompact : rc::Framing::kStandard,
+                                    symbols, lanes);
            }),
-           py::arg("data"), py::arg("precision"), py::arg("num_threads") = 1)
+           py::arg("data"), py::arg("precision"), py::arg("num_threads") = 1,
+           py::arg("compact") = false, py::arg("symbols") = -1, py::arg("lanes") = 0)
       .def(
           "pop_probs",
           [](rc::Decoder& d, carray<float> probs) {

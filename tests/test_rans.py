@@ -673,8 +673,8 @@ def test_decoder_errors():
     with pytest.raises(ValueError, match="final-state check"):
         # same length, different distributions: detected by the final-state check
         decode_probs(data, make_probs(rng, 200, 16, "softmax"))
-    with pytest.raises(ValueError, match="reserved header bit"):
-        RansDecoder(bytes([data[0] | 4]) + data[1:])
+    with pytest.raises(ValueError):  # header bit 2 (a trailing count) set on a stream without
+        decode_probs(bytes([data[0] | 4]) + data[1:], p)
     with pytest.raises(ValueError, match="shorter than its header and states"):
         RansDecoder(data[:4])
 
@@ -955,6 +955,244 @@ def test_concurrent_writes_to_inputs_never_crash():
         stop.set()
         t.join()
     assert outcomes <= {"returned", "ValueError"}
+
+
+# ----------------------------------------------------------------------------- framings
+
+
+def _k1(n: int) -> np.ndarray:
+    return np.ones((n, 1), np.float32)
+
+
+def test_k1_past_the_end_raises():
+    """K = 1 symbols change no state and cost nothing, so a standard stream ending with them
+    records how many (header bit 2 + a LEB128 count): decoding one more raises, decoding
+    fewer fails finish() (it decoded 1,000 symbols from a stream holding 10)."""
+    data = encode_probs(np.zeros(10, np.int64), _k1(10))
+    assert data == bytes([0xB8 | 4, 10]) + (1 << 31).to_bytes(5, "little")
+    np.testing.assert_array_equal(decode_probs(data, _k1(10)), np.zeros(10))
+    dec = RansDecoder(data)
+    with pytest.raises(
+        ValueError,
+        match=r"^decoding past the end of the rANS stream: after 0 symbols it holds 10 more "
+        r"\(of alphabet size 1\), 1000 were asked for$",
+    ):
+        dec.decode_probs(_k1(1000))
+    dec.decode_probs(_k1(9))
+    with pytest.raises(
+        ValueError,
+        match=r"^rANS stream not fully consumed: 1 symbols of alphabet size 1 at its end were "
+        r"not decoded \(after 9 symbols\)$",
+    ):
+        dec.finish()
+    dec.decode_cdfs(np.array([[0, 1 << 24]]))
+    dec.finish()
+    with pytest.raises(ValueError, match="decoding past the end"):
+        dec.decode_indexed(np.zeros(1, np.int64), np.array([[0, 1 << 24]]))
+    # after K >= 2 symbols, and a count of two LEB128 bytes
+    rng = np.random.default_rng(80)
+    p = make_probs(rng, 30, 5, "softmax")
+    s = sample(rng, p)
+    for lanes in (1, 2, 4, 8):
+        enc, renc = RansEncoder(lanes=lanes), ref.RansEncoder(lanes=lanes)
+        for e in (enc, renc):
+            e.encode_probs(s, p)
+            e.encode_probs(np.zeros(200, np.int64), _k1(200))
+        data = enc.finish()
+        assert data == renc.finish()
+        assert data[0] & 4 and data[1:3] == bytes([200 - 128 + 128, 1])
+        for d in (RansDecoder(data), ref.RansDecoder(data)):
+            np.testing.assert_array_equal(d.decode_probs(p), s)
+            d.decode_probs(_k1(200))
+            d.finish()
+            with pytest.raises(ValueError, match="decoding past the end"):
+                d.decode_probs(_k1(1))
+        with pytest.raises(ValueError, match="ran out of bytes"):  # K >= 2 past the end
+            d = RansDecoder(data)
+            d.decode_probs(p)
+            d.decode_probs(_k1(200))
+            d.decode_probs(p[:1])
+
+
+def test_k1_elsewhere_changes_no_bytes():
+    """K = 1 symbols that are not at the end leave the stream as it was (lanes = 1): no count,
+    header bit 2 clear, byte-identical to the stream without them."""
+    rng = np.random.default_rng(81)
+    p = make_probs(rng, 40, 7, "softmax")
+    s = sample(rng, p)
+    enc = RansEncoder()
+    enc.encode_probs(np.zeros(5, np.int64), _k1(5))
+    enc.encode_probs(s, p)
+    data = enc.finish()
+    assert data == encode_probs(s, p) and not data[0] & 4
+    dec = RansDecoder(data)
+    dec.decode_probs(_k1(5))
+    np.testing.assert_array_equal(dec.decode_probs(p), s)
+    dec.finish()
+
+
+def test_trailing_count_errors():
+    base = encode_probs(np.zeros(3, np.int64), _k1(3))  # header | 4, count 3, state
+    state = base[2:]
+    for count, msg in [
+        (b"\x80\x00", "trailing-symbol count is not canonical"),
+        (b"\x00", "trailing-symbol count is not canonical"),
+        (b"\xff" * 9 + b"\x01", "trailing-symbol count is truncated or too long"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            RansDecoder(base[:1] + count + state)
+    with pytest.raises(ValueError, match="trailing-symbol count is truncated or too long"):
+        RansDecoder(base[:1] + b"\x83")
+    with pytest.raises(ValueError, match=r"ends with more symbols of alphabet size 1 \(3\)"):
+        RansDecoder(base, symbols=2)
+
+
+@pytest.mark.parametrize("precision", [None, 1, 8, 16])
+def test_compact_framing_roundtrip_and_reference(precision):
+    """Compact framing: every form, split calls, any size below 65,536 symbols; byte-identical
+    with the reference coder, and never longer than the standard stream."""
+    rng = np.random.default_rng(82 + (precision or 0))
+    P = precision or 24
+    for n in [0, 1, 2, 3, 5, 10, 31, 100, 1000]:
+        k = 2 if P == 1 else int(rng.choice([2, 3, 40, 256]))
+        p = make_probs(rng, n, k, str(rng.choice(KINDS)))
+        s = sample(rng, p)
+        cdfs = quantize_probs(p, P)
+        enc, renc = RansEncoder(P, framing="compact"), ref.RansEncoder(P, framing="compact")
+        cut = n // 3
+        for e in (enc, renc):
+            e.encode_probs(s[:cut], p[:cut])
+            e.encode_cdfs(s[cut:], cdfs[cut:])
+        assert enc.pending == renc.pending == n
+        data = enc.finish()
+        assert data == renc.finish()
+        std = RansEncoder(P)
+        std.encode_cdfs(s, cdfs)
+        assert len(data) <= len(std.finish())
+        for d in (
+            RansDecoder(data, P, framing="compact", symbols=n),
+            ref.RansDecoder(data, P, framing="compact", symbols=n),
+        ):
+            out = [d.decode_cdfs(cdfs[: n // 2]), d.decode_probs(p[n // 2 :])]
+            np.testing.assert_array_equal(np.concatenate(out), s)
+            d.finish()
+        np.testing.assert_array_equal(decode_probs(data, p, P, framing="compact"), s)
+
+
+def test_compact_framing_bytes():
+    """The layout in the module docstring: head of (len - 1) % 4 + 1 bytes without a leading
+    zero byte, then words; b"" when the final state is 0 (only symbol 0s here)."""
+    p = np.array([[0.5, 0.5]] * 6, np.float32)
+    assert encode_probs(np.zeros(6, np.int64), p, framing="compact") == b""
+    np.testing.assert_array_equal(decode_probs(b"", p, framing="compact"), np.zeros(6))
+    # symbols are coded last first from state 0: symbol 1 (interval [2^23, 2^24)) gives the
+    # state 2^23; symbol 0s after it in the stream cost nothing, before it 1 bit each
+    one = encode_probs(np.array([1]), p[:1], framing="compact")
+    assert one == (1 << 23).to_bytes(3, "little")
+    assert encode_probs(np.array([1, 0, 0]), p[:3], framing="compact") == one
+    data = encode_probs(np.array([0, 0, 1]), p[:3], framing="compact")
+    assert data == (1 << 25).to_bytes(4, "little")
+    rng = np.random.default_rng(83)
+    for n in range(1, 300, 7):
+        q = make_probs(rng, n, 256, "softmax")
+        data = encode_probs(sample(rng, q), q, framing="compact")
+        head = (len(data) - 1) % 4 + 1
+        assert data[head - 1] != 0
+
+
+def test_compact_framing_from_65536_symbols_is_the_standard_stream():
+    rng = np.random.default_rng(84)
+    n = 1 << 16
+    table = quantize_probs(make_probs(rng, 8, 32, "softmax"))
+    ix, s = rng.integers(0, 8, n), rng.integers(0, 32, n)
+    for lanes, count in [(None, n), (2, 100), (8, 100)]:
+        std, cmp_ = RansEncoder(lanes=lanes), RansEncoder(lanes=lanes, framing="compact")
+        for e in (std, cmp_):
+            e.encode_indexed(s[:count], ix[:count], table)
+        data = cmp_.finish()
+        assert data == std.finish()
+        dec = RansDecoder(data, framing="compact", symbols=count, lanes=lanes)
+        np.testing.assert_array_equal(dec.decode_indexed(ix[:count], table), s[:count])
+        dec.finish()
+    one = RansEncoder(lanes=1, framing="compact")  # lanes=1: compact at any size
+    one.encode_indexed(s, ix, table)
+    data = one.finish()
+    dec = RansDecoder(data, framing="compact", symbols=n, lanes=1)
+    np.testing.assert_array_equal(dec.decode_indexed(ix, table), s)
+    dec.finish()
+
+
+def test_symbol_counts_and_framing_errors():
+    rng = np.random.default_rng(85)
+    p = make_probs(rng, 50, 9, "softmax")
+    s = sample(rng, p)
+    data = encode_probs(s, p, framing="compact")
+    with pytest.raises(ValueError, match=r"framing='compact' needs symbols=, the number of"):
+        RansDecoder(data, framing="compact")
+    with pytest.raises(ValueError, match=r"framing must be 'standard' or 'compact', got 'tiny'"):
+        RansEncoder(framing="tiny")
+    with pytest.raises(ValueError, match=r"framing must be 'standard' or 'compact', got 'tiny'"):
+        RansDecoder(data, framing="tiny", symbols=50)
+    with pytest.raises(TypeError, match="symbols must be an int, got float"):
+        RansDecoder(data, framing="compact", symbols=50.0)
+    with pytest.raises(ValueError, match="symbols must be >= 0, got -1"):
+        RansDecoder(data, symbols=-1)
+    with pytest.raises(ValueError, match=r"lanes must be None, 1, 2, 4 or 8, got 3"):
+        RansDecoder(data, framing="compact", symbols=50, lanes=3)
+    dec = RansDecoder(data, framing="compact", symbols=50)
+    dec.decode_probs(p[:40])
+    with pytest.raises(
+        ValueError,
+        match=r"^decoding past the end of the rANS stream: it holds 50 symbols, 40 are "
+        r"decoded and 20 more were asked for$",
+    ):
+        dec.decode_probs(p[:20])
+    with pytest.raises(ValueError, match=r"^rANS stream holds 50 symbols but 40 were decoded$"):
+        dec.finish()
+    with pytest.raises(ValueError, match="its head has a leading zero byte"):
+        RansDecoder(b"\x01\x00", framing="compact", symbols=1)
+    # the standard framing takes a count too, and checks lanes against the header
+    std = encode_probs(s, p)
+    with pytest.raises(ValueError, match="it holds 50 symbols, 0 are decoded and 51 more"):
+        RansDecoder(std, symbols=50).decode_probs(np.concatenate([p, p[:1]]))
+    dec = RansDecoder(std, symbols=51)
+    np.testing.assert_array_equal(dec.decode_probs(p), s)
+    with pytest.raises(ValueError, match=r"^rANS stream holds 51 symbols but 50 were decoded$"):
+        dec.finish()
+    with pytest.raises(ValueError, match="stream has 1 lanes but the decoder was told 4"):
+        RansDecoder(std, lanes=4)
+    with pytest.raises(ValueError, match="decoding past the end"):  # K = 1, compact
+        RansDecoder(b"", framing="compact", symbols=3).decode_probs(_k1(4))
+
+
+def test_compact_corruption_never_crashes():
+    """The compact framing has no check value of its own (the container checks integrity):
+    damaged streams raise ValueError or decode to something, never crash; truncations and
+    most other damage are still caught by the count / final-state / consumed checks."""
+    rng = np.random.default_rng(86)
+    n, k = 60, 40
+    p = make_probs(rng, n, k, "softmax")
+    s = sample(rng, p)
+    data = encode_probs(s, p, framing="compact")
+    outcomes = {"caught": 0, "silent": 0}
+
+    def outcome(bad: bytes) -> None:
+        try:
+            decode_probs(bad, p, framing="compact")
+            outcomes["silent"] += 1
+        except ValueError:
+            outcomes["caught"] += 1
+
+    for cut in range(len(data)):
+        outcome(data[:cut])
+    for bit in range(8 * len(data)):
+        flipped = bytearray(data)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        outcome(bytes(flipped))
+    for _ in range(100):
+        outcome(rng.integers(0, 256, int(rng.integers(0, 80))).astype(np.uint8).tobytes())
+    total = outcomes["caught"] + outcomes["silent"]
+    assert outcomes["caught"] >= 0.9 * total, outcomes
 
 
 # ----------------------------------------------------------------------------- corruption

@@ -1,10 +1,11 @@
 """Stateful property test of pqmim_kernels.coding (issue 14): hypothesis drives one encoder
-through random sequences of valid and damaged calls of the three forms, finishes, decodes in
-other splits, and shares the encoder and decoders with a second thread, comparing every
-outcome with a model: which calls must be accepted, what the stream holds, which errors
-name what. The C++ side has the same harness as a libFuzzer target (csrc/fuzz/); running
-this file against an extension built with -DPQMIM_SANITIZE=ON or -DPQMIM_TSAN=ON (see
-csrc/fuzz/README.md) checks the Python boundary under the sanitizers too."""
+(either framing) through random sequences of valid and damaged calls of the three forms
+(K = 1 included), finishes, decodes in other splits, decodes one symbol too many, and shares
+the encoder and decoders with a second thread, comparing every outcome with a model: which
+calls must be accepted, what the stream holds, which errors name what. The C++ side has the
+same harness as a libFuzzer target (csrc/fuzz/); running this file against an extension
+built with -DPQMIM_SANITIZE=ON or -DPQMIM_TSAN=ON (see csrc/fuzz/README.md) checks the
+Python boundary under the sanitizers too."""
 
 from __future__ import annotations
 
@@ -71,10 +72,14 @@ def _decode(dec, form: str, args: dict, lo: int, hi: int) -> np.ndarray:
 
 
 class CoderMachine(RuleBasedStateMachine):
-    @initialize(precision=st.integers(9, 24), lanes=st.sampled_from([None, 1, 2, 4, 8]))
-    def start(self, precision, lanes):
-        self.precision, self.lanes = precision, lanes
-        self.enc = RansEncoder(precision, lanes=lanes, num_threads=2)
+    @initialize(
+        precision=st.integers(9, 24),
+        lanes=st.sampled_from([None, 1, 2, 4, 8]),
+        framing=st.sampled_from(["standard", "compact"]),
+    )
+    def start(self, precision, lanes, framing):
+        self.precision, self.lanes, self.framing = precision, lanes, framing
+        self.enc = RansEncoder(precision, lanes=lanes, num_threads=2, framing=framing)
         self.batches: list[tuple[str, dict]] = []
 
     def _pending_model(self) -> int:
@@ -84,7 +89,7 @@ class CoderMachine(RuleBasedStateMachine):
         seed=st.integers(0, 2**32 - 1),
         form=st.sampled_from(["probs", "cdfs", "indexed"]),
         n=st.integers(0, 300),
-        k=st.sampled_from([2, 3, 17, 256, 300]),
+        k=st.sampled_from([1, 2, 3, 17, 256, 300]),
         damage=st.sampled_from(["none", "none", "symbol", "probs", "zero_row", "cdf", "index"]),
     )
     def encode(self, seed, form, n, k, damage):
@@ -155,8 +160,20 @@ class CoderMachine(RuleBasedStateMachine):
         self._check_stream(data, included, cut=0.5)
         self.batches = [("probs", args)] if pushed and left else []
 
+    def _decoder(self, data: bytes, batches, **kw) -> RansDecoder:
+        count = sum(len(a["symbols"]) for _, a in batches)
+        known = self.framing == "compact" or count % 2  # the standard framing: either way
+        return RansDecoder(
+            data,
+            self.precision,
+            framing=self.framing,
+            symbols=count if known else None,
+            lanes=self.lanes,
+            **kw,
+        )
+
     def _check_stream(self, data: bytes, batches, cut: float) -> None:
-        dec = RansDecoder(data, self.precision, num_threads=2)
+        dec = self._decoder(data, batches, num_threads=2)
         for form, args in batches:
             n = len(args["symbols"])
             mid = int(n * cut)
@@ -165,15 +182,17 @@ class CoderMachine(RuleBasedStateMachine):
             )
             np.testing.assert_array_equal(out, args["symbols"])
         dec.finish()
-        if data:  # one symbol more than the stream holds
-            extra = np.array([[0, 1 << (self.precision - 1), 1 << self.precision]], np.int32)
-            with pytest.raises(ValueError, match="ran out of bytes|past the end"):
-                dec.decode_cdfs(extra)
+        # one symbol more than the stream holds, K = 2 or K = 1
+        top = 1 << self.precision
+        for extra in ([[0, top >> 1, top]], [[0, top]]):
+            with pytest.raises(ValueError, match="ran out of bytes|past the end|empty rANS"):
+                dec.decode_cdfs(np.array(extra, np.int32))
 
     @rule(cut=st.floats(0, 1))
     def finish_and_decode(self, cut):
         data = self.enc.finish()
-        assert (data == b"") == (self._pending_model() == 0)
+        if self.framing == "standard":  # compact: also b"" for a final state 0
+            assert (data == b"") == (self._pending_model() == 0)
         self._check_stream(data, self.batches, cut)
         self.batches = []
 
@@ -185,7 +204,7 @@ class CoderMachine(RuleBasedStateMachine):
         batches = list(self.batches)
         data = self.enc.finish()
         self.batches = []
-        dec = RansDecoder(data, self.precision)
+        dec = self._decoder(data, batches)
         stop, errors = threading.Event(), []
 
         def poll():

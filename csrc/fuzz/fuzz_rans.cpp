@@ -3,16 +3,17 @@
 // out-of-bounds access, undefined behaviour or data race is a crash; the checks below turn
 // wrong answers into crashes too. The input bytes choose one of four programs:
 //
-//   round trip  random coder parameters and up to 8 batches of the three forms, each
-//               valid or damaged on purpose (symbols or indexes out of range, NaN/inf/
-//               negative/zero probabilities, CDF entries moved). A batch must be accepted
-//               exactly when an independent check says it is valid, and a refused one must
-//               leave the encoder unchanged. The stream must decode to the accepted symbols
-//               in any split of the batches; decoding one symbol too many or too few, and a
-//               damaged copy of the stream, must raise Error (or, for damage the final-state
-//               check cannot see, return) and never crash.
-//   raw decode  the rest of the input is taken as a stream and decoded with random
-//               distributions of every form: Error or success, never a crash.
+//   round trip  random coder parameters (framing included) and up to 8 batches of the
+//               three forms, each valid or damaged on purpose (symbols or indexes out of
+//               range, NaN/inf/negative/zero probabilities, CDF entries moved); K = 1 often.
+//               A batch must be accepted exactly when an independent check says it is
+//               valid, and a refused one must leave the encoder unchanged. The stream must
+//               decode to the accepted symbols in any split of the batches; decoding one
+//               symbol too many (K = 1 or 2) or one too few must raise Error, with or
+//               without the symbol count; truncated standard streams must raise; other
+//               damaged copies must raise Error or return, never crash.
+//   raw decode  the rest of the input is taken as a stream of either framing and decoded
+//               with random distributions of every form: Error or success, never a crash.
 //   quantise    quantize_probs on arbitrary float bit patterns: refused exactly when a row
 //               holds NaN/inf/negative values or only zeros, else every row a valid CDF.
 //   threads     one encoder / decoder shared by two threads: every call either completes or
@@ -200,12 +201,19 @@ bool raises(Fn fn) {
   return false;
 }
 
+struct Params {
+  int precision = rc::kDefaultPrecision, lanes = 0, threads = 1;
+  rc::Framing framing = rc::Framing::kStandard;
+  int64_t symbols = -1;  // told to the decoder; -1 = unknown (standard framing only)
+};
+
 // Decodes every batch (each split in two calls at `cut` percent) and finishes; returns
 // false if an Error was raised. Symbols are compared when `expect` is set.
 bool decode_all(const std::vector<uint8_t>& data, const std::vector<Batch>& batches,
-                int precision, int threads, int cut, bool expect) {
+                const Params& pa, int cut, bool expect) {
   return !raises([&] {
-    rc::Decoder d(data.data(), data.size(), precision, threads);
+    rc::Decoder d(data.data(), data.size(), pa.precision, pa.threads, pa.framing, pa.symbols,
+                  pa.lanes);
     for (const Batch& b : batches) {
       std::vector<int64_t> out(static_cast<size_t>(b.n), -1);
       const int64_t mid = b.n * cut / 100;
@@ -217,12 +225,27 @@ bool decode_all(const std::vector<uint8_t>& data, const std::vector<Batch>& batc
   });
 }
 
+Batch k_batch(int64_t k, int precision) {  // one symbol 0 with a uniform-ish CDF of size k
+  Batch b;
+  b.form = kCdfs;
+  b.n = 1;
+  b.k = k;
+  b.symbols = {0};
+  b.cdfs = {0};
+  if (k == 2) b.cdfs.push_back(1 << (precision - 1));
+  b.cdfs.push_back(1 << precision);
+  return b;
+}
+
 void round_trip(Input& in) {
   static const int kLanes[5] = {0, 1, 2, 4, 8};
-  const int precision = 1 + static_cast<int>(in.pick(rc::kMaxPrecision));
-  const int lanes = kLanes[in.pick(5)];
-  const int threads = 1 + static_cast<int>(in.pick(3));
-  rc::Encoder enc(precision, lanes, threads);
+  Params pa;
+  pa.precision = 1 + static_cast<int>(in.pick(rc::kMaxPrecision));
+  pa.lanes = kLanes[in.pick(5)];
+  pa.threads = 1 + static_cast<int>(in.pick(3));
+  pa.framing = in.chance(50) ? rc::Framing::kCompact : rc::Framing::kStandard;
+  const int precision = pa.precision;
+  rc::Encoder enc(precision, pa.lanes, pa.threads, pa.framing);
   std::vector<Batch> accepted;
   const int count = static_cast<int>(in.pick(9));
   int64_t total = 0;
@@ -236,51 +259,61 @@ void round_trip(Input& in) {
   }
   const std::vector<uint8_t> data = enc.finish();
   REQUIRE(enc.pending() == 0);
-  REQUIRE(data.empty() == (total == 0));
+  const bool compact = pa.framing == rc::Framing::kCompact && rc::lanes_for(pa.lanes, total) == 1;
+  if (!compact) REQUIRE(data.empty() == (total == 0));  // compact: b"" for a final state 0
+  if (pa.framing == rc::Framing::kCompact || in.chance(50)) pa.symbols = total;
   const int cut = static_cast<int>(in.pick(101));
-  REQUIRE(decode_all(data, accepted, precision, threads, cut, true));
-  if (data.empty()) return;
-  // One symbol too many (a K >= 2 row after the last batch) or one too few.
-  Batch extra;
-  extra.form = kCdfs;
-  extra.n = 1;
-  extra.k = 2;
-  extra.symbols = {0};
-  extra.cdfs = {0, 1 << (precision - 1), 1 << precision};
-  std::vector<Batch> more = accepted;
-  more.push_back(extra);
-  REQUIRE(!decode_all(data, more, precision, threads, cut, false));
+  REQUIRE(decode_all(data, accepted, pa, cut, true));
+  // One symbol too many (K = 2 or K = 1 after the last batch) or one too few.
+  for (int64_t k : {int64_t{2}, int64_t{1}}) {
+    std::vector<Batch> more = accepted;
+    more.push_back(k_batch(k, precision));
+    REQUIRE(!decode_all(data, more, pa, cut, false));
+  }
   std::vector<Batch> fewer = accepted;
   while (!fewer.empty() && fewer.back().n == 0) fewer.pop_back();
-  if (!fewer.empty() && fewer.back().k > 1) {  // the last symbol is not trivial
+  if (!fewer.empty()) {
     Batch& last = fewer.back();
     last.n -= 1;
     last.symbols.pop_back();
     if (last.form == kProbs) last.probs.resize(static_cast<size_t>(last.n * last.k));
     if (last.form == kCdfs) last.cdfs.resize(static_cast<size_t>(last.n * (last.k + 1)));
     if (last.form == kIndexed) last.indexes.pop_back();
-    REQUIRE(!decode_all(data, fewer, precision, threads, cut, false));
+    REQUIRE(!decode_all(data, fewer, pa, cut, false));
   }
-  // Damaged copies: truncated, a byte changed, bytes appended. Truncation is always caught.
+  if (data.empty()) return;
+  // Damaged copies: truncated (always caught in the standard framing; the compact one has
+  // no check value of its own), a byte changed, bytes appended.
   std::vector<uint8_t> bad(data.begin(), data.begin() + static_cast<ptrdiff_t>(in.pick(data.size())));
-  REQUIRE(!decode_all(bad, accepted, precision, threads, cut, false));
+  const bool caught = !decode_all(bad, accepted, pa, cut, false);
+  REQUIRE(caught || compact);
   bad = data;
   bad[in.pick(bad.size())] ^= static_cast<uint8_t>(1 + in.pick(255));
-  (void)decode_all(bad, accepted, precision, threads, cut, false);
+  (void)decode_all(bad, accepted, pa, cut, false);
   bad = data;
   for (int i = 1 + static_cast<int>(in.pick(5)); i > 0; --i) bad.push_back(in.byte());
-  (void)decode_all(bad, accepted, precision, threads, cut, false);
+  (void)decode_all(bad, accepted, pa, cut, false);
 }
 
 void raw_decode(Input& in) {
-  const int precision = 1 + static_cast<int>(in.pick(rc::kMaxPrecision));
-  const int threads = 1 + static_cast<int>(in.pick(3));
+  static const int kLanes[5] = {0, 1, 2, 4, 8};
+  Params pa;
+  pa.precision = 1 + static_cast<int>(in.pick(rc::kMaxPrecision));
+  pa.threads = 1 + static_cast<int>(in.pick(3));
+  pa.lanes = kLanes[in.pick(5)];
   std::vector<Batch> batches;
-  for (int i = static_cast<int>(in.pick(4)); i > 0; --i) batches.push_back(make_batch(in, precision, false));
+  int64_t total = 0;
+  for (int i = static_cast<int>(in.pick(4)); i > 0; --i) {
+    batches.push_back(make_batch(in, pa.precision, false));
+    total += batches.back().n;
+  }
+  if (in.chance(50)) pa.framing = rc::Framing::kCompact;
+  if (pa.framing == rc::Framing::kCompact || in.chance(50))
+    pa.symbols = in.chance(80) ? total : static_cast<int64_t>(in.pick(100));
   size_t size = 0;
   const uint8_t* data = in.rest(&size);
   std::vector<uint8_t> stream(data, data + size);
-  (void)decode_all(stream, batches, precision, threads, 50, false);
+  (void)decode_all(stream, batches, pa, 50, false);
 }
 
 void quantise(Input& in) {

@@ -529,6 +529,55 @@ void test_thread_start_failure() {
 #endif
 }
 
+// The compact framing round-trips (any size and lane choice) and is never longer than the
+// standard stream; from 65,536 symbols (4 lanes) it is the standard stream. K = 1 symbols at
+// the end of a standard stream are counted: decoding past them raises.
+void test_framings(std::mt19937_64& rng) {
+  for (int it = 0; it < 300; ++it) {
+    Case c = random_case(rng, 300, 300);
+    rc::Encoder std_enc(c.precision, c.lanes);
+    rc::Encoder cmp_enc(c.precision, c.lanes, 1, rc::Framing::kCompact);
+    std_enc.push_cdfs(c.symbols.data(), c.cdfs.data(), c.n, c.k);
+    cmp_enc.push_cdfs(c.symbols.data(), c.cdfs.data(), c.n, c.k);
+    const std::vector<uint8_t> s = std_enc.finish(), d = cmp_enc.finish();
+    CHECK(d.size() <= s.size());
+    CHECK(c.n == 0 || (rc::lanes_for(c.lanes, c.n) == 1) == (d != s));
+    std::vector<int64_t> out(static_cast<size_t>(c.n));
+    rc::Decoder dec(d.data(), d.size(), c.precision, 1, rc::Framing::kCompact, c.n, c.lanes);
+    dec.pop_cdfs(c.cdfs.data(), c.n, c.k, out.data());
+    dec.finish();
+    CHECK(out == c.symbols);
+    int64_t o = 0;
+    CHECK(contains(error_of([&] { dec.pop_cdfs(c.cdfs.data(), 1, c.k, &o); }),
+                   "decoding past the end of the rANS stream: it holds"));
+  }
+  const int64_t n = 70000, k = 8;
+  std::vector<int32_t> table = {0, 1, 2, 3, 4, 5, 6, 7, 1 << 24};
+  std::vector<int64_t> sym(n), idx(n, 0);
+  for (auto& v : sym) v = static_cast<int64_t>(rng() % k);
+  rc::Encoder a, b(rc::kDefaultPrecision, 0, 1, rc::Framing::kCompact);
+  a.push_indexed(sym.data(), idx.data(), n, table.data(), 1, k);
+  b.push_indexed(sym.data(), idx.data(), n, table.data(), 1, k);
+  CHECK(a.finish() == b.finish());
+  // K = 1 at the end: header bit 2 and the count; one more raises, one fewer fails finish().
+  std::vector<int32_t> one = {0, 1 << 24};
+  std::vector<int64_t> zeros(300, 0), out(301);
+  rc::Encoder e;
+  e.push_cdfs(sym.data(), table.data(), 1, k);  // one K = 8 symbol first
+  e.push_indexed(zeros.data(), zeros.data(), 300, one.data(), 1, 1);
+  const std::vector<uint8_t> data = e.finish();
+  CHECK((data[0] & 4) && data[1] == ((300 & 127) | 128) && data[2] == 300 >> 7);
+  rc::Decoder d(data.data(), data.size());
+  d.pop_cdfs(table.data(), 1, k, out.data());
+  CHECK(out[0] == sym[0]);
+  d.pop_indexed(zeros.data(), 299, one.data(), 1, 1, out.data() + 1);
+  CHECK(contains(error_of([&] { d.finish(); }), "1 symbols of alphabet size 1 at its end"));
+  CHECK(contains(error_of([&] { d.pop_indexed(zeros.data(), 2, one.data(), 1, 1, out.data()); }),
+                 "decoding past the end of the rANS stream: after 300 symbols it holds 1 more"));
+  d.pop_indexed(zeros.data(), 1, one.data(), 1, 1, out.data());
+  d.finish();
+}
+
 }  // namespace
 
 int main() {
@@ -542,6 +591,7 @@ int main() {
   test_cdf_validation(rng);
   test_in_use();
   test_thread_start_failure();
+  test_framings(rng);
   std::printf("test_rans: all checks passed\n");
   return 0;
 }

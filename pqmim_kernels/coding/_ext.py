@@ -8,7 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 # The ABI this Python code was written for; must equal pqmim::rans::kAbiVersion (rans.hpp).
-EXPECTED_ABI_VERSION = 2
+EXPECTED_ABI_VERSION = 3
 
 # The files the extension is built from, relative to the repository root, in the order the
 # build fingerprints them (CMakeLists.txt computes the same value at configure time).

@@ -1,9 +1,56 @@
 """Python face of the C++ rANS coder (``pqmim_kernels._rans``).
 
-Coder: 64-bit states, 32-bit renormalisation words, probability precision ``P`` (frequencies
-sum to ``2**P``; default 24, at most 24), one state for streams under 65,536 symbols and 4
-interleaved states above. The stream is a few bytes of framing (1 header byte, 5-8 bytes per
-state) plus 32-bit words; zero symbols give ``b""``.
+Coder: 64-bit states in ``[L, L * 2**32)``, ``L = 2**31``, 32-bit renormalisation words,
+probability precision ``P`` (frequencies sum to ``2**P``; default 24, at most 24), one state
+("lane") for streams under 65,536 symbols and 4 interleaved lanes above (symbol ``j`` uses lane
+``j % lanes``). Encoding step for a symbol with interval ``[c, c + f)``: if ``x >= (L >> P <<
+32) * f`` emit the low word of ``x`` and shift it out, then ``x = (x // f << P) + x % f + c``;
+decoding inverts it and reads a word whenever the state falls below ``L``.
+
+**Framings** (``framing=`` of :class:`RansEncoder` and :class:`RansDecoder`; the decoder
+must be given the encoder's). All integers little endian; zero symbols give ``b""``.
+
+- ``"standard"`` (default; self-describing, ~31 bits of integrity check per lane):
+
+  ======================  ==================================================================
+  header, 1 byte          bits 0-1 ``log2(lanes)``, bit 2 set iff a trailing count follows,
+                          bits 3-7 ``P - 1``
+  trailing count          only with bit 2: unsigned LEB128 ``t >= 1`` (one byte below 128),
+                          the number of symbols with alphabet size K = 1 at the end of the
+                          stream (they change no state, so without it decoding past the end
+                          could not fail); absent for streams that end otherwise
+  lane 0 final state      5..8 bytes, as few as it needs; the count follows from the stream
+                          length: ``(8, 5, 6, 7)[(len - fixed) % 4]``, ``fixed`` = header +
+                          count + 8 bytes per other lane
+  lanes 1.. final states  8 bytes each
+  words                   4 bytes each, in the order the decoder reads them
+  ======================  ==================================================================
+
+  Every lane starts at ``L``; :meth:`RansDecoder.finish` checks that every lane is back
+  there and every byte was read. Fixed cost with one lane: 1 + 5..8 bytes.
+
+- ``"compact"`` (for small streams inside a container that records the symbol count and the
+  precision and checks integrity itself, as ``.pqm`` does): no header, and the decoder must be
+  told ``symbols`` (the exact count the encoder coded, :attr:`RansEncoder.pending` before
+  :meth:`~RansEncoder.finish`), the precision and the encoder's ``lanes`` argument. When they
+  give one lane (``lanes`` 1, or ``None`` with fewer than 65,536 symbols) the stream is
+
+  ======================  ==================================================================
+  head, 1..4 bytes        ``(len - 1) % 4 + 1`` bytes, no leading zero byte
+  words                   4 bytes each, in the order the decoder reads them
+  ======================  ==================================================================
+
+  or ``b""`` when the final state is 0. The lane starts at state 0, not ``L`` (no check
+  value to carry), with the same flush rule, so the encoder emits nothing while its state is
+  below ``L`` and the decoder, past the last word, reads nothing. Final flush: a final state
+  ``x >= 2**32`` emits its low word (read first) and the head is ``x >> 32``; otherwise the
+  head is ``x``. The decoder takes the head and, if it is below ``L`` and words follow, one
+  word: ``x = head << 32 | word``. It must decode exactly ``symbols`` symbols and end at state
+  0 having read every byte (a weak check: rely on the container's). Fixed cost: the final
+  state's bytes, i.e. about ``P`` bits for the first symbol coded from the empty state (its
+  interval start, ``log2 c``) plus < 1 byte of rounding. With more than one lane (``lanes``
+  2/4/8, or ``None`` from 65,536 symbols) ``"compact"`` writes exactly the standard stream,
+  so large streams keep their interleaved decoding and their overhead.
 
 **Ordering.** rANS is last-in-first-out, but this API is first-in-first-out: a
 :class:`RansEncoder` only buffers ``(start, frequency)`` pairs in its ``encode_*`` calls and
@@ -13,9 +60,13 @@ same order (and with the same sizes or any split of them) as they were encoded. 
 entropy model can encode stage 1, 2, ... and decode stage 1, 2, ..., with stage ``s``'s
 distributions computed from the decoded stages ``< s``.
 
-**Integrity.** Every state starts at ``2**31``; :meth:`RansDecoder.finish` checks that every
-state is back there and every byte was read (~31 bits of check per state), which catches
-truncated or corrupted data and decoding with distributions different from the encoder's.
+**Integrity.** In the standard framing every state starts at ``2**31``;
+:meth:`RansDecoder.finish` checks that every state is back there and every byte was read
+(~31 bits of check per state), which catches truncated or corrupted data and decoding with
+distributions different from the encoder's. Decoding more symbols than the stream holds
+raises ``ValueError`` in either framing, for every K (K = 1 included: the compact framing
+through the count it is told, the standard one through its trailing count); a decoder given
+``symbols=`` also refuses to decode more and checks the count in :meth:`RansDecoder.finish`.
 
 **Threads.** Every coding call releases the GIL. The contract: one :class:`RansEncoder` or
 :class:`RansDecoder` per thread; different objects code in parallel, GIL-free. An object
@@ -124,6 +175,22 @@ def _cdfs(x: Any, name: str, precision: int) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int32)
 
 
+FRAMINGS = ("standard", "compact")
+
+
+def _framing(framing: str) -> bool:
+    """True for the compact framing; ValueError for an unknown name."""
+    if framing not in FRAMINGS:
+        raise ValueError(f"framing must be 'standard' or 'compact', got {framing!r}")
+    return framing == "compact"
+
+
+def _lanes(lanes: int | None) -> int:
+    if lanes is not None and (isinstance(lanes, bool) or lanes not in (1, 2, 4, 8)):
+        raise ValueError(f"lanes must be None, 1, 2, 4 or 8, got {lanes!r}")
+    return int(lanes or 0)
+
+
 def _same_rows(a: np.ndarray, n: int, name: str, other: str = "symbols") -> None:
     if a.shape[0] != n:
         raise ValueError(f"{name} has {a.shape[0]} rows but {other} has {n} entries")
@@ -180,15 +247,23 @@ class RansEncoder:
             and to check CDF rows in :meth:`encode_cdfs`.
         lanes: interleaved states, 1, 2, 4 or 8; ``None`` chooses 1 below 65,536 symbols and
             4 above (the reference coder takes the same parameter).
+        framing: ``"standard"`` (self-describing) or ``"compact"`` (a few bytes less per
+            stream; the decoder must be told the symbol count, see the module docstring).
     """
 
     def __init__(
-        self, precision: int | None = None, *, num_threads: int = 1, lanes: int | None = None
+        self,
+        precision: int | None = None,
+        *,
+        num_threads: int = 1,
+        lanes: int | None = None,
+        framing: str = "standard",
     ):
         self.precision = _precision(precision)
-        if lanes is not None and lanes not in (1, 2, 4, 8):
-            raise ValueError(f"lanes must be None, 1, 2, 4 or 8, got {lanes!r}")
-        self._enc = _ext.Encoder(self.precision, lanes or 0, _threads(num_threads))
+        self.framing = framing
+        self._enc = _ext.Encoder(
+            self.precision, _lanes(lanes), _threads(num_threads), _framing(framing)
+        )
 
     @property
     def pending(self) -> int:
@@ -232,7 +307,8 @@ class RansEncoder:
         self._enc.push_indexed(s, ix, t)
 
     def finish(self) -> bytes:
-        """Code all buffered symbols and return the stream; the encoder is then empty."""
+        """Code all buffered symbols and return the stream; the encoder is then empty. With
+        ``framing="compact"`` read :attr:`pending` first: the decoder needs that count."""
         return self._enc.finish()
 
 
@@ -243,16 +319,49 @@ class RansDecoder:
         data: the stream (bytes-like).
         precision: must equal the encoder's (default 24).
         num_threads: threads used to quantise float distributions in :meth:`decode_probs`.
+        framing: the encoder's, ``"standard"`` or ``"compact"``.
+        symbols: the number of symbols the stream holds (the encoder's :attr:`pending` before
+            ``finish()``). Required with ``framing="compact"``; optional with the standard
+            framing. When given, decoding more raises ValueError and :meth:`finish` checks
+            that exactly this many were decoded.
+        lanes: the encoder's ``lanes`` argument (compact framing: it and ``symbols`` decide
+            the layout; standard framing: checked against the stream when given).
 
     A decoder that raised ValueError while decoding is left in an undefined state; start a
     new one (an "in use by another thread" RuntimeError changes nothing).
     """
 
-    def __init__(self, data: Any, precision: int | None = None, *, num_threads: int = 1):
+    def __init__(
+        self,
+        data: Any,
+        precision: int | None = None,
+        *,
+        num_threads: int = 1,
+        framing: str = "standard",
+        symbols: int | None = None,
+        lanes: int | None = None,
+    ):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
         self.precision = _precision(precision)
-        self._dec = _ext.Decoder(bytes(data), self.precision, _threads(num_threads))
+        compact = _framing(framing)
+        if symbols is None:
+            if compact:
+                raise ValueError(
+                    "framing='compact' needs symbols=, the number of symbols the stream holds "
+                    "(RansEncoder.pending before finish()): the stream does not record it"
+                )
+            count = -1
+        elif isinstance(symbols, bool) or not isinstance(symbols, (int, np.integer)):
+            raise TypeError(f"symbols must be an int, got {type(symbols).__name__}")
+        elif symbols < 0:
+            raise ValueError(f"symbols must be >= 0, got {symbols}")
+        else:
+            count = int(symbols)
+        self.framing = framing
+        self._dec = _ext.Decoder(
+            bytes(data), self.precision, _threads(num_threads), compact, count, _lanes(lanes)
+        )
 
     @property
     def decoded(self) -> int:
@@ -275,26 +384,37 @@ class RansDecoder:
         return self._dec.pop_indexed(ix, _cdfs(cdf_table, "cdf_table", self.precision))
 
     def finish(self) -> None:
-        """Raise ValueError unless the stream was consumed exactly: every byte read and every
-        state back at its initial value."""
+        """Raise ValueError unless the stream was consumed exactly: every byte read, every
+        state back at its initial value, and (when known) every symbol decoded."""
         self._dec.finish()
 
 
 def encode_probs(
-    symbols: Any, probs: Any, precision: int | None = None, *, num_threads: int = 1
+    symbols: Any,
+    probs: Any,
+    precision: int | None = None,
+    *,
+    num_threads: int = 1,
+    framing: str = "standard",
 ) -> bytes:
     """One-shot: ``symbols`` (N,) ints with ``probs`` (N, K) floats -> stream bytes."""
-    enc = RansEncoder(precision, num_threads=num_threads)
+    enc = RansEncoder(precision, num_threads=num_threads, framing=framing)
     enc.encode_probs(symbols, probs)
     return enc.finish()
 
 
 def decode_probs(
-    data: Any, probs: Any, precision: int | None = None, *, num_threads: int = 1
+    data: Any,
+    probs: Any,
+    precision: int | None = None,
+    *,
+    num_threads: int = 1,
+    framing: str = "standard",
 ) -> np.ndarray:
     """One-shot inverse of :func:`encode_probs`: returns (N,) int64 and checks that the
     stream held exactly these N symbols (ValueError otherwise)."""
-    dec = RansDecoder(data, precision, num_threads=num_threads)
-    out = dec.decode_probs(probs)
+    p = _probs(probs)
+    dec = RansDecoder(data, precision, num_threads=num_threads, framing=framing, symbols=len(p))
+    out = dec.decode_probs(p)
     dec.finish()
     return out

@@ -7,9 +7,16 @@ and API names as :mod:`pqmim_kernels.coding.rans` (see that module and ``csrc/ra
 - state in ``[L, L * 2**32)``, ``L = 2**31``, renormalised by 32-bit words;
 - precision ``P``: frequencies sum to ``2**P``;
 - ``lanes`` interleaved states, symbol ``j`` (counted across calls) uses lane ``j % lanes``;
-- stream = header byte ``log2(lanes) | (P - 1) << 3``, lane 0's final state in 5..8 bytes
-  (length implied by the stream length modulo 4), the other lanes' states in 8 bytes, then
-  the words in decoding order; ``b""`` for zero symbols.
+- standard framing: header byte ``log2(lanes) | 4 * (t > 0) | (P - 1) << 3``, then ``t``
+  (the number of trailing symbols of frequency ``2**P``, i.e. K = 1) as a LEB128 varint when
+  ``t > 0``, lane 0's final state in 5..8 bytes (length implied by the stream length modulo
+  4), the other lanes' states in 8 bytes, then the words in decoding order; ``b""`` for zero
+  symbols;
+- compact framing (one lane; decoder told the symbol count, the precision and the lanes
+  argument): the lane starts at state 0; a final state of more than 32 bits emits its low
+  word; the rest is the head, in as few bytes as it needs (``(len - 1) % 4 + 1``), followed by
+  the words in decoding order; ``b""`` when the final state is 0. With more lanes the
+  compact framing writes the standard stream.
 """
 
 from __future__ import annotations
@@ -78,6 +85,13 @@ def quantize_probs(probs: np.ndarray, precision: int = DEFAULT_PRECISION) -> np.
     return cdf.astype(np.int32)
 
 
+FRAMINGS = ("standard", "compact")
+
+
+def _lanes(lanes: int | None, n: int) -> int:
+    return lanes or (INTERLEAVED_LANES if n >= INTERLEAVE_MIN_SYMBOLS else 1)
+
+
 def _symbol_intervals(symbols, cdfs) -> list[tuple[int, int]]:
     out = []
     for i, (s, c) in enumerate(zip(np.asarray(symbols).tolist(), np.asarray(cdfs).tolist())):
@@ -90,10 +104,23 @@ def _symbol_intervals(symbols, cdfs) -> list[tuple[int, int]]:
 class RansEncoder:
     """Pure-Python twin of :class:`pqmim_kernels.coding.RansEncoder` (FIFO over calls)."""
 
-    def __init__(self, precision: int | None = None, *, lanes: int | None = None):
+    def __init__(
+        self,
+        precision: int | None = None,
+        *,
+        lanes: int | None = None,
+        framing: str = "standard",
+    ):
+        if framing not in FRAMINGS:
+            raise ValueError(f"framing must be 'standard' or 'compact', got {framing!r}")
         self.precision = DEFAULT_PRECISION if precision is None else precision
         self.lanes = lanes
+        self.framing = framing
         self._pairs: list[tuple[int, int]] = []
+
+    @property
+    def pending(self) -> int:
+        return len(self._pairs)
 
     def encode_probs(self, symbols, probs) -> None:
         self.encode_cdfs(symbols, quantize_probs(probs, self.precision))
@@ -108,8 +135,9 @@ class RansEncoder:
         n, P = len(self._pairs), self.precision
         if n == 0:
             return b""
-        lanes = self.lanes or (INTERLEAVED_LANES if n >= INTERLEAVE_MIN_SYMBOLS else 1)
-        state = [_LOW] * lanes
+        lanes = _lanes(self.lanes, n)
+        compact = self.framing == "compact" and lanes == 1
+        state = [0 if compact else _LOW] * lanes
         words = []
         for j in range(n - 1, -1, -1):  # last symbol first: the decoder reads first to last
             start, freq = self._pairs[j]
@@ -118,39 +146,95 @@ class RansEncoder:
                 words.append(x & 0xFFFFFFFF)
                 x >>= 32
             state[j % lanes] = (x // freq << P) + x % freq + start
-        len0 = next(b for b in (5, 6, 7, 8) if state[0] < 1 << (8 * b))
-        out = bytearray([lanes.bit_length() - 1 | (P - 1) << 3])
-        out += state[0].to_bytes(len0, "little")
-        for x in state[1:]:
-            out += x.to_bytes(8, "little")
+        self._pairs, pairs = [], self._pairs
+        if compact:
+            x = state[0]
+            if x >> 32:
+                words.append(x & 0xFFFFFFFF)
+                x >>= 32
+            out = bytearray(x.to_bytes((x.bit_length() + 7) // 8, "little"))
+        else:
+            t = 0
+            while t < n and pairs[n - 1 - t][1] == 1 << P:
+                t += 1
+            out = bytearray([lanes.bit_length() - 1 | (4 if t else 0) | (P - 1) << 3])
+            while t:
+                out.append((t & 127) | (128 if t > 127 else 0))
+                t >>= 7
+            len0 = next(b for b in (5, 6, 7, 8) if state[0] < 1 << (8 * b))
+            out += state[0].to_bytes(len0, "little")
+            for x in state[1:]:
+                out += x.to_bytes(8, "little")
         for w in reversed(words):
             out += w.to_bytes(4, "little")
-        self._pairs = []
         return bytes(out)
 
 
 class RansDecoder:
     """Pure-Python twin of :class:`pqmim_kernels.coding.RansDecoder`."""
 
-    def __init__(self, data: bytes, precision: int | None = None):
+    def __init__(
+        self,
+        data: bytes,
+        precision: int | None = None,
+        *,
+        framing: str = "standard",
+        symbols: int | None = None,
+        lanes: int | None = None,
+    ):
+        if framing not in FRAMINGS:
+            raise ValueError(f"framing must be 'standard' or 'compact', got {framing!r}")
         self.precision = DEFAULT_PRECISION if precision is None else precision
         self._data = bytes(data)
         self._count = 0
-        self.lanes = 1
-        self._state = [_LOW]
+        self._expected = symbols
+        self._trailing = self._trailing_used = 0
         self._pos = 0
+        self.lanes = 1
+        if framing == "compact":
+            if symbols is None:
+                raise ValueError("the compact framing needs the number of symbols")
+            if _lanes(lanes, symbols) == 1:
+                self._compact, self._initial = True, 0
+                self._state = [0]
+                if data:
+                    head = (len(data) - 1) % 4 + 1
+                    if data[head - 1] == 0:
+                        raise ValueError("corrupt compact rANS stream: leading zero byte")
+                    x, self._pos = int.from_bytes(data[:head], "little"), head
+                    if x < _LOW and self._pos + 4 <= len(data):
+                        x = x << 32 | int.from_bytes(data[head : head + 4], "little")
+                        self._pos += 4
+                    self._state = [x]
+                return
+        self._compact, self._initial = False, _LOW
+        self._state = [_LOW]
         if not data:
             return
         h = data[0]
         self.lanes = 1 << (h & 3)
-        if h & 4 or (h >> 3) + 1 != self.precision:
-            raise ValueError("not a rANS stream of this precision")
-        fixed = 1 + 8 * (self.lanes - 1)
+        if (h >> 3) + 1 != self.precision or (lanes and lanes != self.lanes):
+            raise ValueError("not a rANS stream of this precision and lane count")
+        pos = 1
+        if h & 4:  # LEB128 trailing count
+            shift = 0
+            while True:
+                if pos >= len(data) or shift > 56:
+                    raise ValueError("corrupt rANS stream: trailing count")
+                b = data[pos]
+                pos += 1
+                self._trailing |= (b & 127) << shift
+                if not b & 128:
+                    if b == 0:
+                        raise ValueError("corrupt rANS stream: trailing count not canonical")
+                    break
+                shift += 7
+        fixed = pos + 8 * (self.lanes - 1)
         if len(data) < fixed + 5:
             raise ValueError("rANS stream is truncated")
         len0 = (8, 5, 6, 7)[(len(data) - fixed) % 4]
-        self._state = [int.from_bytes(data[1 : 1 + len0], "little")]
-        self._pos = 1 + len0
+        self._state = [int.from_bytes(data[pos : pos + len0], "little")]
+        self._pos = pos + len0
         for _ in range(self.lanes - 1):
             self._state.append(int.from_bytes(data[self._pos : self._pos + 8], "little"))
             self._pos += 8
@@ -165,25 +249,39 @@ class RansDecoder:
 
     def decode_cdfs(self, cdfs) -> np.ndarray:
         P = self.precision
+        rows = np.asarray(cdfs).tolist()
+        n = len(rows)
+        if n and self._expected is not None and n > self._expected - self._count:
+            raise ValueError("decoding past the end of the rANS stream")
+        if n and not self._data and not self._compact:
+            raise ValueError("cannot decode symbols from an empty rANS stream")
+        at_end = self._pos == len(self._data) and all(x == self._initial for x in self._state)
+        if n and len(rows[0]) == 2 and not self._compact and at_end:  # K = 1 at the end
+            if n > self._trailing - self._trailing_used:
+                raise ValueError("decoding past the end of the rANS stream")
+            self._trailing_used += n
         out = []
-        for c in np.asarray(cdfs).tolist():
-            if not self._data:
-                raise ValueError("cannot decode symbols from an empty rANS stream")
+        for c in rows:
             lane = self._count % self.lanes
             x = self._state[lane]
             slot = x & ((1 << P) - 1)
             s = int(np.searchsorted(c, slot, side="right")) - 1
             x = (c[s + 1] - c[s]) * (x >> P) + slot - c[s]
             if x < _LOW:
-                if self._pos + 4 > len(self._data):
+                if self._pos + 4 <= len(self._data):
+                    x = x << 32 | int.from_bytes(self._data[self._pos : self._pos + 4], "little")
+                    self._pos += 4
+                elif not self._compact:
                     raise ValueError("rANS stream is truncated or corrupt")
-                x = x << 32 | int.from_bytes(self._data[self._pos : self._pos + 4], "little")
-                self._pos += 4
             self._state[lane] = x
             self._count += 1
             out.append(s)
         return np.asarray(out, dtype=np.int64)
 
     def finish(self) -> None:
-        if self._pos != len(self._data) or any(x != _LOW for x in self._state):
+        if self._expected is not None and self._count != self._expected:
+            raise ValueError("rANS stream holds another number of symbols")
+        if self._pos != len(self._data) or any(x != self._initial for x in self._state):
             raise ValueError("rANS stream failed its final-state check")
+        if self._trailing_used != self._trailing:
+            raise ValueError("rANS stream not fully consumed")
