@@ -14,13 +14,21 @@ explicit ``"triton"`` that cannot run raises an error that says why.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-__all__ = ["BACKENDS", "resolve_backend", "triton_available"]
+from pqmim_kernels.ops._launch import (
+    ATTN_MAX_GRID_BH,
+    ATTN_MAX_HEAD_DIM,
+    PQ_MAX_SUBSPACE_DIM,
+    interpreting,
+)
+
+__all__ = ["BACKENDS", "FP32_PRECISIONS", "resolve_backend", "triton_available"]
 
 BACKENDS = ("auto", "triton", "reference")
+# How the Triton pq_assign kernel multiplies fp32 (or mixed-dtype) operands: three TF32
+# tensor-core products of hi/lo splits (error ~fp32), or IEEE fp32 FMA (exact path, slower).
+FP32_PRECISIONS = ("tf32x3", "ieee")
 
 
 _TRITON_IMPORTABLE: list[bool] = []  # memo of triton_available()
@@ -39,10 +47,6 @@ def triton_available() -> bool:
     return _TRITON_IMPORTABLE[0]
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def resolve_backend(backend: str, *tensors: torch.Tensor, op: str = "op") -> str:
     """Return ``"triton"`` or ``"reference"`` for ``backend`` and the given input tensors.
 
@@ -58,7 +62,7 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, op: str = "op") -> str
         return "triton" if on_cuda and triton_available() else "reference"
     if not triton_available():
         raise RuntimeError(f"{op}: backend='triton' requested but Triton is not installed")
-    if not on_cuda and not _interpreting():
+    if not on_cuda and not interpreting():
         raise RuntimeError(
             f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
             "interpreter); got tensors on " + ", ".join(sorted({str(t.device) for t in tensors}))
@@ -66,18 +70,27 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, op: str = "op") -> str
     return "triton"
 
 
+def _check_launch_options(op: str, pinned, fp32_precision=None) -> None:
+    if not isinstance(pinned, bool):
+        raise TypeError(f"{op}: pinned must be a bool, got {type(pinned).__name__}")
+    if fp32_precision is not None and fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(
+            f"{op}: fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}"
+        )
+
+
 # ---- product quantization: pq_assign, pq_quantize ----
 
 __all__ += ["pq_assign", "pq_ema_statistics", "pq_quantize"]
 
-# Sub-vector length the Triton kernel holds in registers (ops.pq_assign.MAX_SUBSPACE_DIM);
-# "auto" uses the eager path (still a matmul on CUDA) beyond it.
-_PQ_TRITON_MAX_D = 256
-
-
 @torch.library.custom_op("pqmim::pq_assign", mutates_args=())
 def _pq_assign_op(
-    z: torch.Tensor, codebooks: torch.Tensor, backend: str, with_distances: bool
+    z: torch.Tensor,
+    codebooks: torch.Tensor,
+    backend: str,
+    with_distances: bool,
+    fp32_precision: str,
+    pinned: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # One opaque op for torch.compile: the backend is resolved before tracing reaches here, so
     # the graph holds a single node and the kernels are never traced by dynamo. Without
@@ -85,7 +98,13 @@ def _pq_assign_op(
     if backend == "triton":
         from pqmim_kernels.ops.pq_assign import pq_assign_triton
 
-        codes, dists = pq_assign_triton(z, codebooks, with_distances=with_distances)
+        codes, dists = pq_assign_triton(
+            z,
+            codebooks,
+            with_distances=with_distances,
+            fp32_precision=fp32_precision,
+            pinned=pinned,
+        )
     else:
         from pqmim_kernels.reference.pq import pq_assign_chunked
 
@@ -94,7 +113,7 @@ def _pq_assign_op(
 
 
 @_pq_assign_op.register_fake
-def _pq_assign_fake(z, codebooks, backend, with_distances):
+def _pq_assign_fake(z, codebooks, backend, with_distances, fp32_precision, pinned):
     shape = (*z.shape[:-1], codebooks.shape[0])
     dist_shape = shape if with_distances else (0,)
     return z.new_empty(shape, dtype=torch.int64), z.new_empty(dist_shape, dtype=torch.float32)
@@ -106,6 +125,8 @@ def pq_assign(
     *,
     return_distances: bool = False,
     backend: str = "auto",
+    fp32_precision: str = "tf32x3",
+    pinned: bool = False,
 ):
     """Product-quantization codes: nearest codeword per sub-space in squared L2.
 
@@ -115,6 +136,15 @@ def pq_assign(
         return_distances: also return the squared distances to the chosen codewords.
         backend: ``"auto" | "triton" | "reference"`` (see module docstring). ``"auto"`` on
             CUDA runs the Triton kernel when d ≤ 256, the chunked eager path otherwise.
+        fp32_precision: how the Triton kernel multiplies fp32 or mixed-dtype operands:
+            ``"tf32x3"`` (default: three TF32 tensor-core products of hi/lo splits, error close
+            to fp32's) or ``"ieee"`` (fp32 FMA, slower). Both meet the argmin criterion of
+            :mod:`pqmim_kernels.reference.pq`. 16-bit operands and the reference path ignore it.
+        pinned: launch one fixed tiling instead of autotuning, so that the codes and distances
+            depend only on the inputs, the GPU model and the Triton version (autotuning picks
+            by timing, and a different tiling may round near-ties differently). For callers
+            that must reproduce results across processes, e.g. an encoder. Triton backend
+            only (the reference path has nothing to tune).
 
     Returns:
         codes (..., M) int64 in [0, K), ties to the lowest index; with ``return_distances`` a
@@ -122,33 +152,47 @@ def pq_assign(
         (use :func:`pq_quantize` for gradients).
 
     Registered as the torch custom op ``pqmim::pq_assign``, so ``torch.compile`` traces it as one
-    node (no graph break). Raises ``TypeError``/``ValueError`` for bad dtypes, shapes, devices.
+    node (no graph break). Raises ``TypeError``/``ValueError`` for bad dtypes, shapes, devices
+    or options.
     """
     from pqmim_kernels.reference.pq import check_pq_inputs
 
     _, _, d = check_pq_inputs(z, codebooks, "pq_assign")
+    _check_launch_options("pq_assign", pinned, fp32_precision)
     chosen = resolve_backend(backend, z, codebooks, op="pq_assign")
-    if chosen == "triton" and d > _PQ_TRITON_MAX_D:
+    if chosen == "triton" and d > PQ_MAX_SUBSPACE_DIM:
         if backend == "triton":
             raise ValueError(
                 f"pq_assign: the Triton kernel supports sub-vector length d ≤ "
-                f"{_PQ_TRITON_MAX_D}, got d = {d}; use backend='reference' or 'auto'"
+                f"{PQ_MAX_SUBSPACE_DIM}, got d = {d}; use backend='reference' or 'auto'"
             )
         chosen = "reference"  # documented rule of "auto": the kernel keeps d in registers
-    codes, dists = _pq_assign_op(z.detach(), codebooks.detach(), chosen, bool(return_distances))
+    codes, dists = _pq_assign_op(
+        z.detach(), codebooks.detach(), chosen, bool(return_distances), fp32_precision, pinned
+    )
     return (codes, dists) if return_distances else codes
 
 
-def pq_quantize(z: torch.Tensor, codebooks: torch.Tensor, *, backend: str = "auto"):
+def pq_quantize(
+    z: torch.Tensor,
+    codebooks: torch.Tensor,
+    *,
+    backend: str = "auto",
+    fp32_precision: str = "tf32x3",
+    pinned: bool = False,
+):
     """Quantize ``z`` (..., D) with ``codebooks`` (M, K, d): returns ``(z_q, codes)``.
 
     ``z_q`` (..., D) in z's dtype equals the chosen codewords exactly in the forward pass; its
     gradient reaches ``z`` unchanged (straight-through estimator) and ``codebooks`` through the
-    lookup (when they require grad). ``codes`` (..., M) int64 as in :func:`pq_assign`.
+    lookup (when they require grad). ``codes`` (..., M) int64 as in :func:`pq_assign`, which
+    also documents ``backend``, ``fp32_precision`` and ``pinned``.
     """
     from pqmim_kernels.reference.pq import pq_lookup
 
-    codes = pq_assign(z, codebooks, backend=backend)
+    codes = pq_assign(
+        z, codebooks, backend=backend, fp32_precision=fp32_precision, pinned=pinned
+    )
     looked_up = pq_lookup(codes, codebooks).to(z.dtype)
     # z - z.detach() is exactly zero, so the value is the codeword, the gradient the identity.
     return looked_up + (z - z.detach()), codes
@@ -197,125 +241,33 @@ def pq_ema_statistics(
 
 __all__ += ["masked_attention"]
 
-_ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _check_masked_attention_args(q, k, v, key_lengths, key_mask, attn_mask, scale) -> float:
-    """Validate the public arguments of :func:`masked_attention`; return the resolved scale."""
-    op = "masked_attention"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"{op}: {name} must have shape (B, H, L, Dh), got {tuple(t.shape)} ({t.dim()} dims)"
-            )
-        if t.dtype not in _ATTN_DTYPES:
-            raise TypeError(f"{op}: {name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{op}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(
-            f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
-        )
-    b, h, lq, dh = q.shape
-    if k.shape != v.shape:
-        raise ValueError(
-            f"{op}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != dh:
-        raise ValueError(
-            f"{op}: k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} "
-            "(need the same B, H and Dh)"
-        )
-    if dh == 0:
-        raise ValueError(f"{op}: head dim Dh must be positive, got shape {tuple(q.shape)}")
-    lk = k.shape[2]
-    if key_lengths is not None:
-        if not isinstance(key_lengths, torch.Tensor):
-            raise TypeError(
-                f"{op}: key_lengths must be a torch.Tensor, got {type(key_lengths).__name__}"
-            )
-        if key_lengths.dtype.is_floating_point or key_lengths.dtype in (
-            torch.bool,
-            torch.complex64,
-            torch.complex128,
-        ):
-            raise TypeError(f"{op}: key_lengths must be an integer tensor, got {key_lengths.dtype}")
-        if tuple(key_lengths.shape) != (b,):
-            raise ValueError(
-                f"{op}: key_lengths must have shape (B,) = ({b},), got {tuple(key_lengths.shape)}"
-            )
-        if key_lengths.device != q.device:
-            raise ValueError(f"{op}: key_lengths is on {key_lengths.device} but q is on {q.device}")
-    if key_mask is not None:
-        if not isinstance(key_mask, torch.Tensor):
-            raise TypeError(f"{op}: key_mask must be a torch.Tensor, got {type(key_mask).__name__}")
-        if key_mask.dtype != torch.bool:
-            raise TypeError(f"{op}: key_mask must be a bool tensor, got {key_mask.dtype}")
-        if tuple(key_mask.shape) != (b, lk):
-            raise ValueError(
-                f"{op}: key_mask must have shape (B, Lk) = ({b}, {lk}), got {tuple(key_mask.shape)}"
-            )
-        if key_mask.device != q.device:
-            raise ValueError(f"{op}: key_mask is on {key_mask.device} but q is on {q.device}")
-    if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            raise TypeError(
-                f"{op}: attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}"
-            )
-        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
-            raise TypeError(
-                f"{op}: attn_mask must be bool (True = attend) or a float bias, got "
-                f"{attn_mask.dtype}"
-            )
-        shape = tuple(attn_mask.shape)
-        if (
-            len(shape) != 4
-            or shape[0] not in (1, b)
-            or shape[1] not in (1, h)
-            or shape[2:] != (lq, lk)
-        ):
-            raise ValueError(
-                f"{op}: attn_mask must have shape (B or 1, H or 1, Lq, Lk) with B={b}, H={h}, "
-                f"Lq={lq}, Lk={lk}; got {shape}"
-            )
-        if attn_mask.device != q.device:
-            raise ValueError(f"{op}: attn_mask is on {attn_mask.device} but q is on {q.device}")
-        if attn_mask.requires_grad:
-            raise ValueError(
-                f"{op}: attn_mask is treated as a constant and receives no gradient; "
-                "pass attn_mask.detach() (a learned bias needs an eager attention)"
-            )
-    if scale is None:
-        return 1.0 / float(dh) ** 0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
-    scale = float(scale)
-    if not (scale == scale and abs(scale) != float("inf")):
-        raise ValueError(f"{op}: scale must be finite, got {scale}")
-    return scale
-
-
 _MA_FWD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, Tensor? key_mask, Tensor? attn_mask, "
-    "float scale, str backend) -> (Tensor, Tensor)"
+    "float scale, str backend, bool pinned) -> (Tensor, Tensor)"
 )
 _MA_BWD_SCHEMA = (
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-    "Tensor? key_lengths, Tensor? key_mask, Tensor? attn_mask, float scale, str backend) "
+    "Tensor? key_lengths, Tensor? key_mask, Tensor? attn_mask, float scale, str backend, "
+    "bool pinned) "
     "-> (Tensor, Tensor, Tensor)"
 )
 
 
 @torch.library.custom_op("pqmim::masked_attention_fwd", mutates_args=(), schema=_MA_FWD_SCHEMA)
-def _masked_attention_fwd_op(q, k, v, key_lengths, key_mask, attn_mask, scale, backend):
+def _masked_attention_fwd_op(q, k, v, key_lengths, key_mask, attn_mask, scale, backend, pinned):
     """Custom op: ``(out (B,H,Lq,Dh) in q.dtype, lse (B,H,Lq) fp32)``; arguments pre-checked."""
     if backend == "triton":
         from pqmim_kernels.ops.masked_attention import masked_attention_forward
 
         return masked_attention_forward(
-            q, k, v, key_lengths=key_lengths, key_mask=key_mask, attn_mask=attn_mask, scale=scale
+            q,
+            k,
+            v,
+            key_lengths=key_lengths,
+            key_mask=key_mask,
+            attn_mask=attn_mask,
+            scale=scale,
+            pinned=pinned,
         )
     from pqmim_kernels.reference.attention import masked_attention_reference
 
@@ -333,14 +285,14 @@ def _masked_attention_fwd_op(q, k, v, key_lengths, key_mask, attn_mask, scale, b
 
 
 @_masked_attention_fwd_op.register_fake
-def _(q, k, v, key_lengths, key_mask, attn_mask, scale, backend):
+def _(q, k, v, key_lengths, key_mask, attn_mask, scale, backend, pinned):
     b, h, lq, dh = q.shape
     return q.new_empty((b, h, lq, dh)), q.new_empty((b, h, lq), dtype=torch.float32)
 
 
 @torch.library.custom_op("pqmim::masked_attention_bwd", mutates_args=(), schema=_MA_BWD_SCHEMA)
 def _masked_attention_bwd_op(
-    grad_out, q, k, v, out, lse, key_lengths, key_mask, attn_mask, scale, backend
+    grad_out, q, k, v, out, lse, key_lengths, key_mask, attn_mask, scale, backend, pinned
 ):
     """Custom op: ``(dq, dk, dv)`` of the forward op, from its saved output and logsumexp."""
     if backend == "triton":
@@ -357,6 +309,7 @@ def _masked_attention_bwd_op(
             key_mask=key_mask,
             attn_mask=attn_mask,
             scale=scale,
+            pinned=pinned,
         )
     from pqmim_kernels.reference.attention import masked_attention_backward_reference
 
@@ -375,17 +328,18 @@ def _masked_attention_bwd_op(
 
 
 @_masked_attention_bwd_op.register_fake
-def _(grad_out, q, k, v, out, lse, key_lengths, key_mask, attn_mask, scale, backend):
+def _(grad_out, q, k, v, out, lse, key_lengths, key_mask, attn_mask, scale, backend, pinned):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _masked_attention_setup_context(ctx, inputs, output):
-    q, k, v, key_lengths, key_mask, attn_mask, scale, backend = inputs
+    q, k, v, key_lengths, key_mask, attn_mask, scale, backend, pinned = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, key_lengths, key_mask, attn_mask)
     ctx.scale = scale
     ctx.backend = backend
+    ctx.pinned = pinned
 
 
 def _masked_attention_backward(ctx, grad_out, grad_lse):
@@ -402,8 +356,9 @@ def _masked_attention_backward(ctx, grad_out, grad_lse):
         attn_mask,
         ctx.scale,
         ctx.backend,
+        ctx.pinned,
     )
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _masked_attention_fwd_op.register_autograd(
@@ -421,6 +376,7 @@ def masked_attention(
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    pinned: bool = False,
 ) -> torch.Tensor:
     """Softmax attention in which hidden keys are never attended (flash attention on CUDA).
 
@@ -437,7 +393,12 @@ def masked_attention(
         attn_mask: (B or 1, H or 1, Lq, Lk): bool (True = attend) or a float bias added to the
             scaled scores (``-inf`` hides a key). Treated as a constant: no gradient.
         scale: score scale, default ``1 / sqrt(Dh)``.
-        backend: ``"auto" | "triton" | "reference"`` (see :func:`resolve_backend`).
+        backend: ``"auto" | "triton" | "reference"`` (see :func:`resolve_backend`). ``"auto"``
+            on CUDA runs the Triton kernels when Dh <= 256 and B * H <= 65535, the eager
+            reference otherwise.
+        pinned: launch one fixed config per kernel (forward and backward) instead of
+            autotuning, so that results depend only on the inputs, the GPU model and the Triton
+            version. Triton backend only.
 
     The masks combine: a key is visible when every given mask allows it. A query row with no
     visible key returns zeros and receives zero gradients (never NaN).
@@ -449,8 +410,28 @@ def masked_attention(
         TypeError / ValueError for bad types, dtypes, shapes or devices; RuntimeError when
         ``backend="triton"`` cannot run here.
     """
-    scale = _check_masked_attention_args(q, k, v, key_lengths, key_mask, attn_mask, scale)
+    from pqmim_kernels.reference.attention import check_masked_attention_args
+
+    scale = check_masked_attention_args(q, k, v, key_lengths, key_mask, attn_mask, scale)
+    _check_launch_options("masked_attention", pinned)
     masks = [t for t in (key_lengths, key_mask, attn_mask) if t is not None]
     chosen = resolve_backend(backend, q, k, v, *masks, op="masked_attention")
-    out, _ = _masked_attention_fwd_op(q, k, v, key_lengths, key_mask, attn_mask, scale, chosen)
+    if chosen == "triton":
+        b, h, _, dh = q.shape
+        if dh > ATTN_MAX_HEAD_DIM:
+            limit = f"head dim Dh <= {ATTN_MAX_HEAD_DIM}, got {dh}"
+        elif b * h > ATTN_MAX_GRID_BH:
+            limit = f"B * H <= {ATTN_MAX_GRID_BH}, got {b * h}"
+        else:
+            limit = None
+        if limit is not None:
+            if backend == "triton":
+                raise ValueError(
+                    f"masked_attention: the Triton kernel supports {limit}; "
+                    "use backend='reference' or 'auto'"
+                )
+            chosen = "reference"  # documented rule of "auto"
+    out, _ = _masked_attention_fwd_op(
+        q, k, v, key_lengths, key_mask, attn_mask, scale, chosen, pinned
+    )
     return out

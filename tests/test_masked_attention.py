@@ -216,7 +216,17 @@ def test_opcheck_custom_op():
         t.requires_grad_()
     torch.library.opcheck(
         torch.ops.pqmim.masked_attention_fwd.default,
-        (q, k, v, masks["key_lengths"], masks["key_mask"], masks["attn_mask"], 0.25, "reference"),
+        (
+            q,
+            k,
+            v,
+            masks["key_lengths"],
+            masks["key_mask"],
+            masks["attn_mask"],
+            0.25,
+            "reference",
+            False,
+        ),
     )
 
 
@@ -238,14 +248,19 @@ def test_torch_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(a, b)
 
 
-def test_autotuned_gpu_launch_prunes_configs(monkeypatch):
+@pytest.mark.parametrize("device_class", ["sm_80", "sm_86", "sm_90"])
+def test_autotuned_gpu_launch_prunes_configs(monkeypatch, device_class):
     """The GPU launchers through the real Triton autotuner (benchmark and launch stubbed out, so
-    no GPU is needed): the shared-memory pruning sees its launch arguments and keeps configs."""
+    no GPU is needed): the prune sees its launch arguments and the device's limits (faked per
+    device class) and keeps only configs that fit them."""
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("kernels are interpreted in this process")
+    from pqmim_kernels.ops import _launch
     from pqmim_kernels.ops import masked_attention as ma
 
+    limits = _launch.DEVICE_CLASSES[device_class]
+    monkeypatch.setattr(ma, "device_limits", lambda _: limits)
     pruned = {}
     for name, tuned in (
         ("fwd", ma._fwd_tuned),
@@ -262,16 +277,23 @@ def test_autotuned_gpu_launch_prunes_configs(monkeypatch):
         monkeypatch.setattr(tuned, "_bench", lambda *a, config, **k: [float(config.num_stages)])
         monkeypatch.setattr(tuned.fn, "run", lambda *a, **k: None)
     monkeypatch.setattr(
-        ma, "_launch_params", lambda q, kernel, d_pad: ({"INTERPRETER": False}, True)
+        ma, "_launch_params", lambda q, kernel, d_pad, pinned, *mask: ({"INTERPRETER": False}, True)
     )
-    for dtype, dh in ((torch.float16, 64), (torch.float32, 128)):
+    for dtype, dh in ((torch.float16, 64), (torch.float32, 128), (torch.float32, 256)):
         q, k, v, do, masks = make_case(1, 2, 40, 50, dh, "combined", dtype, seed=22)
         out, lse = ma.masked_attention_forward(q, k, v, scale=0.1, **masks)
         ma.masked_attention_backward(do, q, k, v, out, lse, scale=0.1, **masks)
         assert set(pruned) == {"fwd", "dq", "dkdv"}
-        for name, tuned in (("fwd", ma._fwd_tuned), ("dq", ma._bwd_dq_tuned)):
-            assert 0 < len(pruned[name]) <= len(tuned.configs), (name, dtype)
-        if dtype == torch.float32:  # fp32 at Dh = 128 cannot take the deepest pipelines
+        d_pad = max(16, 1 << (dh - 1).bit_length())
+        for name, kept in pruned.items():
+            assert kept, (name, dtype, dh)
+            # "combined": a bool attention mask (mode 1) and a key mask
+            costs = [ma.config_cost(name, c, d_pad, dtype.itemsize, 1, True) for c in kept]
+            fitting = [_launch.fits(*cost, c.num_warps, limits) for c, cost in zip(kept, costs)]
+            assert all(fitting) or (len(kept) == 1 and kept[0] in ma._FALLBACKS), (name, kept)
+            for smem, _ in costs:
+                assert smem + _launch.SMEM_RESERVE <= limits.smem_per_block
+        if dtype == torch.float32:  # fp32 at Dh >= 128 cannot take every candidate
             assert len(pruned["fwd"]) < len(ma._fwd_tuned.configs)
         pruned.clear()
 
@@ -357,6 +379,37 @@ def test_device_mismatch_raises():
         masked_attention(q, k.to("meta"), v)
     with pytest.raises(ValueError, match="key_lengths is on meta but q is on cpu"):
         masked_attention(q, k, v, key_lengths=torch.ones(2, dtype=torch.int64, device="meta"))
+
+
+def test_pinned_must_be_bool():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="masked_attention: pinned must be a bool, got str"):
+        masked_attention(q, k, v, pinned="yes")
+    # On the reference path pinned changes nothing.
+    torch.testing.assert_close(
+        masked_attention(q, k, v, pinned=True), masked_attention(q, k, v), rtol=0, atol=0
+    )
+
+
+def test_kernel_limits_auto_falls_back_explicit_triton_raises(monkeypatch):
+    """Beyond the kernel's limits (Dh > 256, B * H > 65535) "auto" takes the eager path and an
+    explicit "triton" says why not (resolve_backend is forced to "triton", as on a GPU)."""
+    import pqmim_kernels.functional as F
+
+    monkeypatch.setattr(F, "resolve_backend", lambda *a, **k: "triton")
+    seen = []
+    real_op = F._masked_attention_fwd_op
+    monkeypatch.setattr(F, "_masked_attention_fwd_op", lambda *a: seen.append(a[7]) or real_op(*a))
+    wide = torch.randn(1, 1, 3, 264)
+    many = torch.randn(256, 257, 1, 16)
+    for q, match in (
+        (wide, "supports head dim Dh <= 256, got 264"),
+        (many, r"supports B \* H <= 65535, got 65792"),
+    ):
+        out = masked_attention(q, q, q, backend="auto")
+        assert seen[-1] == "reference" and out.shape == q.shape
+        with pytest.raises(ValueError, match=match):
+            masked_attention(q, q, q, backend="triton")
 
 
 def test_triton_backend_without_cuda_raises():

@@ -1,16 +1,20 @@
-"""The Triton kernels compile ahead of time for real GPUs (sm_80, sm_90), with no GPU present.
+"""The attention kernels compile ahead of time for each GPU class (sm_80, sm_86, sm_89, sm_90)
+with no GPU present, and what the prunes keep fits there.
 
 Each kernel goes through Triton's full CUDA pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas
 cubin) with the specialisation a launch on contiguous tensors gets (16-byte aligned pointers,
 strides divisible by 16, unit head-dim strides). This catches what the interpreter cannot:
-layout/type errors in ``tl.dot`` and shared-memory overflow of the largest autotune configs
-on an H100 (227 KiB per block). Skipped under ``TRITON_INTERPRET=1`` (kernels are interpreted
-objects then) and where Triton ships no ``ptxas``.
+layout/type errors in ``tl.dot``, shared memory over the class's limit, and register spills of
+the 16-bit configs the prune keeps (fp32 inputs use IEEE FMA dots, which spill at large head
+dims whatever the tiling: only their shared memory is checked). Skipped under
+``TRITON_INTERPRET=1`` and where Triton ships no ``ptxas``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,18 +22,14 @@ import torch
 triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("kernels are interpreted in this process", allow_module_level=True)
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
 
-    if not os.path.exists(get_ptxas(90).path):
-        raise FileNotFoundError(get_ptxas(90).path)
-except Exception as exc:  # pragma: no cover - depends on the Triton build
-    pytest.skip(f"no CUDA compiler toolchain in this Triton: {exc}", allow_module_level=True)
+sys.path.insert(0, str(Path(__file__).parent))
 
+import aot  # noqa: E402
+
+from pqmim_kernels.ops import _launch  # noqa: E402
 from pqmim_kernels.ops import masked_attention as ma  # noqa: E402
 
-H100_SMEM_PER_BLOCK = 227 * 1024
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _KERNELS = {
     "fwd": (ma._masked_attn_fwd, ma._fwd_tuned),
@@ -70,51 +70,68 @@ def _compile(kernel, dtype, head_dim, mask_mode, has_bound, has_key_mask, config
         INTERPRETER=False,
         **config.kwargs,
     )
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return aot.compile_kernel(fn, signature, constexprs, attrs, config, arch)
 
 
-def _largest_kept_config(kernel, dtype, head_dim):
+def _arch(cls: str) -> int:
+    cap = _launch.DEVICE_CLASSES[cls].capability
+    return 10 * cap[0] + cap[1]
+
+
+def _kept(kernel, dtype, head_dim, mask_mode, has_key_mask, cls, monkeypatch):
+    limits = _launch.DEVICE_CLASSES[cls]
+    monkeypatch.setattr(ma, "device_limits", lambda _: limits)
     tuned = _KERNELS[kernel][1]
-    named = {"D_PAD": max(16, triton.next_power_of_2(head_dim)), "Q": torch.empty(0, dtype=dtype)}
-    kept = tuned.early_config_prune(tuned.configs, named)
-    return max(kept, key=lambda c: c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]))
+    named = {"Q": torch.empty(0, dtype=dtype), "MASK_MODE": mask_mode}
+    named["HAS_KEY_MASK"] = has_key_mask
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    return tuned.early_config_prune(tuned.configs, named, D_PAD=d_pad), d_pad
+
+
+# (dtype, head dim, mask mode, has bound, has key mask): the common case and the heaviest.
+CASES = {
+    "fp16-d128-lengths": (torch.float16, 128, 0, True, False),
+    "bf16-d64-keymask-bias": (torch.bfloat16, 64, 2, True, True),
+    "fp16-d256-lengths": (torch.float16, 256, 0, True, False),
+    "fp32-d48-boolmask": (torch.float32, 48, 1, False, False),
+}
+GRID = [
+    *((cls, case) for cls in ("sm_80", "sm_90") for case in CASES),
+    ("sm_86", "fp16-d128-lengths"),
+    ("sm_89", "fp16-d256-lengths"),
+]
 
 
 @pytest.mark.parametrize("kernel", sorted(_KERNELS))
-@pytest.mark.parametrize(
-    ("dtype", "head_dim", "mask_mode", "has_bound", "has_key_mask", "arch"),
-    [
-        (torch.float16, 128, 0, True, False, 90),
-        (torch.bfloat16, 64, 2, True, True, 90),
-        (torch.float32, 48, 1, False, False, 80),
-    ],
-    ids=["fp16-d128-lengths-sm90", "bf16-d64-keymask-bias-sm90", "fp32-d48-boolmask-sm80"],
-)
-def test_largest_autotune_config_compiles_and_fits(
-    kernel, dtype, head_dim, mask_mode, has_bound, has_key_mask, arch
-):
-    config = _largest_kept_config(kernel, dtype, head_dim)
-    compiled = _compile(kernel, dtype, head_dim, mask_mode, has_bound, has_key_mask, config, arch)
-    shared = compiled.metadata.shared
-    assert 0 < shared <= H100_SMEM_PER_BLOCK, (kernel, config, shared)
-    assert compiled.asm["cubin"], "ptxas produced no cubin"
+@pytest.mark.parametrize(("cls", "case"), GRID)
+def test_kept_configs_compile_and_fit(monkeypatch, kernel, cls, case):
+    """The configs the prune keeps for that class with the most shared memory and with the most
+    registers compile there, within the class's shared memory and the estimate, and the 16-bit
+    ones do not spill."""
+    arch = _arch(cls)
+    aot.require_toolchain(arch)
+    dtype, head_dim, mode, bound, key_mask = CASES[case]
+    kept, d_pad = _kept(kernel, dtype, head_dim, mode, key_mask, cls, monkeypatch)
+
+    def cost(c):
+        return ma.config_cost(kernel, c, d_pad, dtype.itemsize, mode, key_mask)
+
+    limits = _launch.DEVICE_CLASSES[cls]
+    for config in {max(kept, key=lambda c: cost(c)[0]), max(kept, key=lambda c: cost(c)[1])}:
+        used = aot.resources(_compile(kernel, dtype, head_dim, mode, bound, key_mask, config, arch))
+        assert 0 < used["shared"] <= limits.smem_per_block, (config, used)
+        assert used["shared"] <= cost(config)[0], (config, used, cost(config))
+        if dtype != torch.float32 and used["stack"] is not None:
+            assert used["stack"] <= 64, (config, used)
 
 
 @pytest.mark.parametrize("kernel", sorted(_KERNELS))
-def test_pinned_configs_compile_and_fit_at_head_dim_256(kernel):
-    # pinned_launch_configs() drops to two stages above Dh = 128; the worst case must fit.
-    meta_q = torch.empty(0, device="meta")
-    assert ma._launch_params(meta_q, kernel, 256) == ({"INTERPRETER": False}, True)
-    with ma.pinned_launch_configs():
-        fixed, tuned = ma._launch_params(meta_q, kernel, 256)
-    assert not tuned and fixed["num_stages"] == 2 and fixed["INTERPRETER"] is False
-    assert ma._launch_params(meta_q, kernel, 256)[1], "the context must restore autotuning"
-    config = triton.Config(
-        {"BLOCK_M": fixed["BLOCK_M"], "BLOCK_N": fixed["BLOCK_N"]},
-        num_warps=fixed["num_warps"],
-        num_stages=fixed["num_stages"],
-    )
-    compiled = _compile(kernel, torch.float16, 256, 0, True, False, config, 90)
-    assert 0 < compiled.metadata.shared <= H100_SMEM_PER_BLOCK
+@pytest.mark.parametrize(("cls", "dtype"), [("sm_86", torch.float32), ("sm_90", torch.bfloat16)])
+def test_pinned_configs_compile_and_fit_at_head_dim_256(kernel, cls, dtype):
+    """The pinned config of the worst case (Dh = 256) fits the class and compiles for it."""
+    arch = _arch(cls)
+    aot.require_toolchain(arch)
+    limits = _launch.DEVICE_CLASSES[cls]
+    config = ma.pinned_attention_config(kernel, 256, dtype.itemsize, limits)
+    used = aot.resources(_compile(kernel, dtype, 256, 0, True, False, config, arch))
+    assert 0 < used["shared"] <= limits.smem_per_block, (config, used)

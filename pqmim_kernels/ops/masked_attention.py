@@ -26,24 +26,35 @@ Loops: on GPU every loop over blocks is a ``for ... in range(lo, hi, BLOCK)`` wi
 bound, which Triton software-pipelines. The Triton 3.6 interpreter cannot take a runtime
 ``range`` bound with numpy >= 2.4 (it calls ``int()`` on a 1-element array), so under the
 interpreter (``INTERPRETER`` constexpr) the very same step helper runs in a ``while`` loop.
+
+Launch configs: each kernel autotunes over a handful of candidates, pruned to those whose
+shared memory and registers fit the device (:mod:`pqmim_kernels.ops._launch`; a smaller
+fallback when none does). Autotuning picks by timing, so two processes may tile the same shape
+differently and round differently; ``pinned=True`` launches one fixed config per kernel instead
+(:func:`pinned_attention_config`), for callers that must reproduce results exactly.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = [
-    "masked_attention_backward",
-    "masked_attention_forward",
-    "pinned_launch_configs",
-]
+from pqmim_kernels.ops._launch import (
+    device_limits,
+    fitting_configs,
+    interpreting,
+    pinned_config,
+    pow2_bucket,
+)
 
-_LOG2E = 1.4426950408889634
-_MAX_HEAD_DIM = 256
+__all__ = ["masked_attention_backward", "masked_attention_forward"]
+
+LOG2E = 1.4426950408889634  # log2(e): scores are kept in log2 units for exp2
+LN2 = 0.6931471805599453  # ln(2): back to natural-log units for the saved logsumexp
+# The same constants for the kernels (Triton reads module globals only when constexpr).
+_LOG2E: tl.constexpr = tl.constexpr(LOG2E)
+_LN2: tl.constexpr = tl.constexpr(LN2)
 
 
 @triton.jit
@@ -73,7 +84,7 @@ def _score_tile(
             s = tl.where(am != 0, s, float("-inf"))
         else:
             bias = tl.load(am_ptrs, mask=tile_valid, other=0.0).to(tl.float32)
-            s = s + bias * 1.4426950408889634
+            s = s + bias * _LOG2E
     if HAS_KEY_MASK:
         km = tl.load(KMASK + b.to(tl.int64) * stride_kmb + offs_n, mask=n_valid, other=0)
         s = tl.where((km != 0)[None, :], s, float("-inf"))
@@ -236,7 +247,7 @@ def _masked_attn_fwd(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
     o_ptrs = (
         O
         + b.to(tl.int64) * stride_ob
@@ -362,7 +373,7 @@ def _masked_attn_bwd_dq(
     lse = tl.load(LSE + pid_bh.to(tl.int64) * LQ + offs_m, mask=m_valid, other=float("inf"))
     # Natural-log lse -> log2 units; an empty row (lse = -inf) becomes +inf so that every
     # recomputed probability exp2(s - lse) of that row is exactly 0.
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
 
     n_end = LK
     if HAS_BOUND:
@@ -423,7 +434,7 @@ def _dkdv_step(
     do = tl.load(do_base + offs_m[:, None] * stride_om + offs_d[None, :], mask=md_mask, other=0.0)
     row = pid_bh.to(tl.int64) * LQ + offs_m
     lse = tl.load(LSE + row, mask=m_valid, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
     delta = tl.load(DELTA + row, mask=m_valid, other=0.0)
     s = _score_tile(
         q, k, b, h, offs_m, offs_n, m_valid, n_end, KMASK, AMASK, qk_scale,
@@ -557,101 +568,126 @@ def _masked_attn_bwd_dkdv(
     tl.store(DV + dkv_tile, dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
-# ---- autotune configs (GPU) ----
+# ---- launch configs (GPU) ----
 
 _TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "HAS_BOUND", "HAS_KEY_MASK", "MASK_MODE"]
-# H100: 227 KiB of shared memory per block; keep a margin for the compiler's own buffers.
-_SMEM_BUDGET = 200 * 1024
 
 
-def _configs(block_ms, block_ns):
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm in block_ms
-        for bn in block_ns
-        for w in (4, 8)
-        for s in (2, 3, 4)
-        if not (w == 8 and bm * bn < 64 * 64)
-    ]
+def _config(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-def _prune(tiles_per_stage: int, resident_tiles: int):
-    """Drop configs whose pipelined operand tiles would not fit in shared memory.
+# A small candidate set per kernel (each candidate costs a compile and a timing on the first
+# call of every key); (BLOCK_M, BLOCK_N, num_warps, num_stages).
+_CANDIDATES = {
+    "fwd": [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 4, 2), (128, 128, 8, 2),
+            (64, 32, 4, 3), (128, 32, 8, 3)],
+    "dq": [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2)],
+    "dkdv": [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (64, 32, 4, 3)],
+}  # fmt: skip
+# Ever smaller configs for when no candidate fits; the last fits any device class at Dh = 256.
+_FALLBACKS = [_config(32, 32, 4, 2), _config(16, 16, 1, 1)]
+# Pinned (BLOCK_M, BLOCK_N, num_warps) per kernel by D_PAD (<= 64, 128, 256) for 16-bit inputs;
+# fp32 inputs take the next row down (512: fp32 at D_PAD = 256, sized to fit 99 KiB at one
+# stage). The pipeline depth adapts to the device; blocks and warps never do.
+_PINNED = {
+    "fwd": {64: (64, 64, 4), 128: (64, 64, 4), 256: (64, 32, 4), 512: (32, 16, 2)},
+    "dq": {64: (64, 64, 4), 128: (64, 32, 4), 256: (32, 32, 4), 512: (16, 16, 2)},
+    "dkdv": {64: (64, 64, 4), 128: (64, 32, 4), 256: (32, 32, 4), 512: (16, 16, 2)},
+}
 
-    ``tiles_per_stage``: streamed (BLOCK, D) tiles per pipeline stage; ``resident_tiles``: tiles
-    kept for the whole program. Estimated with 2-byte elements; fp32 inputs get half the stages.
+
+def config_cost(
+    kernel: str, config, d_pad: int, elem: int, mask_mode: int = 0, key_mask: bool = False
+) -> tuple[int, float]:
+    """(shared memory bytes, registers per thread) of one program of ``kernel`` (see
+    :mod:`pqmim_kernels.ops._launch`).
+
+    Shared memory: the streamed (BLOCK, D_PAD) operand tiles pipelined ``num_stages`` deep,
+    the tiles kept for the whole program, and the pipelined attention-mask tile. Registers: the
+    fp32 accumulators and score-sized temporaries spread over all threads, plus the dot
+    operands of the program's rows, which are replicated across the warps that do not split
+    those rows (an MMA tile has 16 rows: ``BLOCK // 16`` warps can split them), plus the
+    mask's pointer and value tiles. Weights fitted to ptxas's counts on sm_90 (Triton 3.9) so
+    that no kept 16-bit config spills more than a few bytes.
     """
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    warps = config.num_warps
+    stages = max(1, config.num_stages)
+    words = elem / 4
+    mask_bytes = {0: 0, 1: 1}.get(mask_mode, elem)
+    if kernel == "fwd":  # streams k, v; keeps q; acc (BM, D); s, p
+        smem = elem * d_pad * (bm + 2 * bn * stages)
+        rows, fp32_tiles, operands = bm, bm * d_pad + 2 * bm * bn, (bm * d_pad + bm * bn) * words
+    elif kernel == "dq":  # streams k, v; keeps q, do; acc dq; s, p, dp, ds
+        smem = elem * d_pad * (2 * bm + 2 * bn * stages)
+        rows, fp32_tiles = bm, bm * d_pad + 3 * bm * bn
+        operands = (2 * bm * d_pad + bm * bn) * words
+    else:  # dkdv: streams q, do; keeps k, v; acc dk, dv; s, p, dp, ds (transposed)
+        smem = elem * d_pad * (2 * bn + 2 * bm * stages) + elem * bm * bn
+        rows, fp32_tiles = bn, 2 * bn * d_pad + 3 * bm * bn
+        operands = (2 * bn * d_pad + 2 * bm * bn) * words
+    smem += mask_bytes * bm * bn * max(1, stages - 1) + (bn * stages if key_mask else 0)
+    threads = 32 * warps
+    row_warps = min(warps, max(1, rows // 16))
+    regs = fp32_tiles / threads + 0.5 * operands / (32 * row_warps) + 50
+    if mask_mode:
+        regs += 2.5 * bm * bn / threads
+    return smem, regs
 
+
+def _prune(kernel: str):
     def prune(configs, named_args, **kwargs):
         # The autotuner passes positional launch arguments in named_args and keyword ones
-        # (D_PAD here) in kwargs; look in both.
+        # (D_PAD, MASK_MODE, HAS_KEY_MASK here) in kwargs; look in both.
         args = {**named_args, **kwargs}
-        d = args["D_PAD"]
-        elem = args["Q"].element_size()
-        kept = []
-        for c in configs:
-            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            streamed = tiles_per_stage * max(bm, bn) * d * elem * c.num_stages
-            resident = resident_tiles * max(bm, bn) * d * elem
-            if streamed + resident <= _SMEM_BUDGET:
-                kept.append(c)
-        return kept or configs[:1]
+        q = args["Q"]
+        mode, key_mask = args.get("MASK_MODE", 0), args.get("HAS_KEY_MASK", False)
+
+        def cost(c):
+            return config_cost(kernel, c, args["D_PAD"], q.element_size(), mode, key_mask)
+
+        return fitting_configs(configs, cost, device_limits(q), _FALLBACKS)
 
     return prune
 
 
-_fwd_tuned = triton.autotune(
-    configs=_configs((64, 128), (32, 64, 128)),
-    key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune(2, 1)},
-)(_masked_attn_fwd)
-_bwd_dq_tuned = triton.autotune(
-    configs=_configs((32, 64, 128), (32, 64)),
-    key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune(2, 3)},
-)(_masked_attn_bwd_dq)
-_bwd_dkdv_tuned = triton.autotune(
-    configs=_configs((32, 64), (32, 64, 128)),
-    key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune(2, 4)},
-)(_masked_attn_bwd_dkdv)
+def _tuned(kernel: str, fn):
+    return triton.autotune(
+        configs=[_config(*c) for c in _CANDIDATES[kernel]],
+        key=_TUNE_KEY,
+        prune_configs_by={"early_config_prune": _prune(kernel)},
+    )(fn)
+
+
+_fwd_tuned = _tuned("fwd", _masked_attn_fwd)
+_bwd_dq_tuned = _tuned("dq", _masked_attn_bwd_dq)
+_bwd_dkdv_tuned = _tuned("dkdv", _masked_attn_bwd_dkdv)
 
 # The CPU interpreter runs one fixed small config: autotuning there would only multiply the
 # (slow) interpreted work, and 16-wide blocks exercise multi-block loops on tiny shapes.
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
 
-# One fixed GPU config per kernel for pinned_launch_configs(); sized to fit Dh <= 128 with
-# three stages (and Dh <= 256 with two) in an H100's shared memory.
-_PINNED_CONFIGS = {
-    "fwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    "dq": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-    "dkdv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-}
-_pinned_depth = 0
 
+def pinned_attention_config(
+    kernel: str, d_pad: int, elem: int, limits, mask_mode: int = 0, key_mask: bool = False
+):
+    """The pinned config of ``kernel`` (fwd | dq | dkdv) at this D_PAD and element size.
 
-@contextlib.contextmanager
-def pinned_launch_configs():
-    """Launch one fixed config per kernel instead of autotuning, inside this context.
-
-    Autotuning picks the fastest config by timing, so two processes can pick different block
-    sizes for the same shape and round differently. Results under a pinned config depend only
-    on the inputs, the GPU model and the Triton version: what an encoder and a decoder in
-    different processes need to derive identical probabilities. Not thread-safe (a counter).
+    Block sizes and warps are fixed per (kernel, D_PAD, dtype width), so results under
+    ``pinned=True`` depend only on the inputs, the GPU model and the Triton version; the
+    pipeline depth is the deepest of 3, 2, 1 that fits ``limits``.
     """
-    global _pinned_depth
-    _pinned_depth += 1
-    try:
-        yield
-    finally:
-        _pinned_depth -= 1
+    row = max(64, d_pad) * (2 if elem == 4 else 1)
+    bm, bn, warps = _PINNED[kernel][min(row, 512)]
+
+    def cost(c):
+        return config_cost(kernel, c, d_pad, elem, mask_mode, key_mask)
+
+    return pinned_config(lambda s: _config(bm, bn, warps, s), cost, limits, _FALLBACKS)
 
 
 # ---- host side ----
-
-
-def _bucket(n: int) -> int:
-    return 1 << max(4, (max(n, 1) - 1).bit_length())
 
 
 def _mask_args(q, k, key_lengths, key_mask, attn_mask):
@@ -680,29 +716,20 @@ def _mask_args(q, k, key_lengths, key_mask, attn_mask):
     return bound, kmask, amask, am_strides, mode
 
 
-def _check_kernel_shape(q):
-    b, h, _, dh = q.shape
-    if dh > _MAX_HEAD_DIM:
-        raise ValueError(
-            f"masked_attention: the Triton kernel supports head dim Dh <= {_MAX_HEAD_DIM}, "
-            f"got {dh}; use backend='reference'"
-        )
-    if b * h > 65535:
-        raise ValueError(
-            f"masked_attention: the Triton kernel supports B * H <= 65535, got {b * h}"
-        )
-
-
-def _launch_params(q, kernel: str, d_pad: int):
+def _launch_params(q, kernel: str, d_pad: int, pinned: bool, mask_mode=0, key_mask=False):
     """(extra launch kwargs, use the autotuned kernel) for ``kernel`` in fwd | dq | dkdv."""
-    if q.device.type == "cpu":
+    if interpreting():
         return {**_INTERPRETER_CONFIG, "INTERPRETER": True}, False
-    if _pinned_depth > 0:
-        config = dict(_PINNED_CONFIGS[kernel])
-        if d_pad > 128:
-            config["num_stages"] = 2
-        return {**config, "INTERPRETER": False}, False
+    if pinned:
+        limits = device_limits(q)
+        c = pinned_attention_config(kernel, d_pad, q.element_size(), limits, mask_mode, key_mask)
+        fixed = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+        return {**fixed, "INTERPRETER": False}, False
     return {"INTERPRETER": False}, True
+
+
+def _d_pad(dh: int) -> int:
+    return max(16, triton.next_power_of_2(dh))
 
 
 def masked_attention_forward(
@@ -714,13 +741,15 @@ def masked_attention_forward(
     key_mask: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
     scale: float,
+    pinned: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. Arguments are pre-validated by the public API.
+    """Launch the forward kernel. Arguments and kernel limits (Dh <= ``ATTN_MAX_HEAD_DIM``,
+    B * H <= ``ATTN_MAX_GRID_BH``) are checked by :func:`pqmim_kernels.functional.masked_attention`.
 
     Returns ``out`` (B, H, Lq, Dh) contiguous in q's dtype and ``lse`` (B, H, Lq) fp32
-    (natural log, ``-inf`` for rows with no visible key).
+    (natural log, ``-inf`` for rows with no visible key). ``pinned``: one fixed config per
+    kernel instead of autotuning (see :func:`pinned_attention_config`).
     """
-    _check_kernel_shape(q)
     b, h, lq, dh = q.shape
     lk = k.shape[2]
     out = torch.empty((b, h, lq, dh), device=q.device, dtype=q.dtype)
@@ -729,8 +758,8 @@ def masked_attention_forward(
         lse.fill_(float("-inf"))
         return out, lse
     bound, kmask, amask, am_strides, mode = _mask_args(q, k, key_lengths, key_mask, attn_mask)
-    d_pad = max(16, triton.next_power_of_2(dh))
-    fixed, tuned = _launch_params(q, "fwd", d_pad)
+    d_pad = _d_pad(dh)
+    fixed, tuned = _launch_params(q, "fwd", d_pad, pinned, mode, kmask is not None)
     kernel = _fwd_tuned if tuned else _masked_attn_fwd
 
     def grid(meta):
@@ -741,11 +770,11 @@ def masked_attention_forward(
         bound if bound is not None else lse,
         kmask if kmask is not None else lse,
         amask if amask is not None else lse,
-        scale * _LOG2E,
+        scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
         kmask.stride(0) if kmask is not None else 0,
         *am_strides,
-        h, lq, lk, _bucket(lq), _bucket(lk),
+        h, lq, lk, pow2_bucket(lq), pow2_bucket(lk),
         HEAD_DIM=dh,
         D_PAD=d_pad,
         HAS_BOUND=bound is not None,
@@ -769,12 +798,12 @@ def masked_attention_backward(
     key_mask: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
     scale: float,
+    pinned: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the two backward kernels; returns ``(dq, dk, dv)`` in the input dtype.
 
-    ``out`` and ``lse`` come from :func:`masked_attention_forward`.
+    ``out`` and ``lse`` come from :func:`masked_attention_forward`; ``pinned`` as there.
     """
-    _check_kernel_shape(q)
     b, h, lq, dh = q.shape
     lk = k.shape[2]
     grad_out = grad_out.contiguous()
@@ -786,7 +815,7 @@ def masked_attention_backward(
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
     bound, kmask, amask, am_strides, mode = _mask_args(q, k, key_lengths, key_mask, attn_mask)
-    d_pad = max(16, triton.next_power_of_2(dh))
+    d_pad = _d_pad(dh)
     common = dict(
         HEAD_DIM=dh,
         D_PAD=d_pad,
@@ -804,19 +833,19 @@ def masked_attention_backward(
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
         kmask.stride(0) if kmask is not None else 0,
         *am_strides,
-        h, lq, lk, _bucket(lq), _bucket(lk),
+        h, lq, lk, pow2_bucket(lq), pow2_bucket(lk),
     )  # fmt: skip
     sm_scale = float(scale)
-    qk_scale = sm_scale * _LOG2E
+    qk_scale = sm_scale * LOG2E
 
     # dq first: it also writes delta = rowsum(dO * O), which the dk/dv kernel reads.
-    fixed, tuned = _launch_params(q, "dq", d_pad)
+    fixed, tuned = _launch_params(q, "dq", d_pad, pinned, mode, kmask is not None)
     dq_kernel = _bwd_dq_tuned if tuned else _masked_attn_bwd_dq
     dq_kernel[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * h)](
         q, k, v, out, grad_out, lse, delta, dq, *mask_ptrs, qk_scale, sm_scale, *strides,
         **common, **fixed,
     )  # fmt: skip
-    fixed, tuned = _launch_params(q, "dkdv", d_pad)
+    fixed, tuned = _launch_params(q, "dkdv", d_pad, pinned, mode, kmask is not None)
     dkdv_kernel = _bwd_dkdv_tuned if tuned else _masked_attn_bwd_dkdv
     dkdv_kernel[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b * h)](
         q, k, v, grad_out, lse, delta, dk, dv, *mask_ptrs, qk_scale, sm_scale, *strides,

@@ -26,10 +26,116 @@ import math
 import torch
 
 __all__ = [
+    "SUPPORTED_DTYPES",
+    "check_masked_attention_args",
     "masked_attention_backward_reference",
     "masked_attention_reference",
     "visibility_and_bias",
 ]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_masked_attention_args(q, k, v, key_lengths, key_mask, attn_mask, scale) -> float:
+    """Validate the arguments of :func:`pqmim_kernels.functional.masked_attention` (shapes,
+    dtypes, devices of q/k/v and of each mask, the scale); return the resolved scale.
+
+    Raises ``TypeError`` for non-tensors and wrong dtypes, ``ValueError`` for wrong shapes,
+    devices, a mask that requires grad, or a non-finite scale.
+    """
+    op = "masked_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{op}: {name} must have shape (B, H, L, Dh), got {tuple(t.shape)} ({t.dim()} dims)"
+            )
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{op}: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{op}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
+        )
+    b, h, lq, dh = q.shape
+    if k.shape != v.shape:
+        raise ValueError(
+            f"{op}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != dh:
+        raise ValueError(
+            f"{op}: k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} "
+            "(need the same B, H and Dh)"
+        )
+    if dh == 0:
+        raise ValueError(f"{op}: head dim Dh must be positive, got shape {tuple(q.shape)}")
+    lk = k.shape[2]
+    if key_lengths is not None:
+        if not isinstance(key_lengths, torch.Tensor):
+            raise TypeError(
+                f"{op}: key_lengths must be a torch.Tensor, got {type(key_lengths).__name__}"
+            )
+        if key_lengths.dtype.is_floating_point or key_lengths.dtype in (
+            torch.bool,
+            torch.complex64,
+            torch.complex128,
+        ):
+            raise TypeError(f"{op}: key_lengths must be an integer tensor, got {key_lengths.dtype}")
+        if tuple(key_lengths.shape) != (b,):
+            raise ValueError(
+                f"{op}: key_lengths must have shape (B,) = ({b},), got {tuple(key_lengths.shape)}"
+            )
+        if key_lengths.device != q.device:
+            raise ValueError(f"{op}: key_lengths is on {key_lengths.device} but q is on {q.device}")
+    if key_mask is not None:
+        if not isinstance(key_mask, torch.Tensor):
+            raise TypeError(f"{op}: key_mask must be a torch.Tensor, got {type(key_mask).__name__}")
+        if key_mask.dtype != torch.bool:
+            raise TypeError(f"{op}: key_mask must be a bool tensor, got {key_mask.dtype}")
+        if tuple(key_mask.shape) != (b, lk):
+            raise ValueError(
+                f"{op}: key_mask must have shape (B, Lk) = ({b}, {lk}), got {tuple(key_mask.shape)}"
+            )
+        if key_mask.device != q.device:
+            raise ValueError(f"{op}: key_mask is on {key_mask.device} but q is on {q.device}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(
+                f"{op}: attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}"
+            )
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            raise TypeError(
+                f"{op}: attn_mask must be bool (True = attend) or a float bias, got "
+                f"{attn_mask.dtype}"
+            )
+        shape = tuple(attn_mask.shape)
+        if (
+            len(shape) != 4
+            or shape[0] not in (1, b)
+            or shape[1] not in (1, h)
+            or shape[2:] != (lq, lk)
+        ):
+            raise ValueError(
+                f"{op}: attn_mask must have shape (B or 1, H or 1, Lq, Lk) with B={b}, H={h}, "
+                f"Lq={lq}, Lk={lk}; got {shape}"
+            )
+        if attn_mask.device != q.device:
+            raise ValueError(f"{op}: attn_mask is on {attn_mask.device} but q is on {q.device}")
+        if attn_mask.requires_grad:
+            raise ValueError(
+                f"{op}: attn_mask is treated as a constant and receives no gradient; "
+                "pass attn_mask.detach() (a learned bias needs an eager attention)"
+            )
+    if scale is None:
+        return 1.0 / float(dh) ** 0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not (scale == scale and abs(scale) != float("inf")):
+        raise ValueError(f"{op}: scale must be finite, got {scale}")
+    return scale
 
 
 def visibility_and_bias(
