@@ -22,11 +22,15 @@ keys visible in every batch row (``key_lengths``), all L queries computed. q, k,
 - ``sdpa_gathered``: SDPA with no mask on the keys gathered to the known ones (gather timed);
   the lower bound any masked kernel is aiming at.
 
-Grids (``PQMIM_BENCH_ATTN_GRID=gpu|cpu|tiny`` overrides the default, ``gpu`` when CUDA is
-present); known in {1.0, 0.5, 0.1} and both passes (``fwd``, ``fwd_bwd``) everywhere:
+Grids (``PQMIM_BENCH_ATTN_GRID=gpu|gpu-full|cpu|tiny`` overrides the default, ``gpu`` when
+CUDA is present); known in {1.0, 0.5, 0.1} and both passes (``fwd``, ``fwd_bwd``) everywhere,
+B·L = 16,384 tokens and H = 2048 / Dh on the GPU grids (so B·H·L·Dh is constant):
 
-- ``gpu``: the issue's grid, fp16, Dh in {64, 128}, L in {256, 1024, 4096, 16384}, B·L =
-  16,384 tokens and H = 2048 / Dh (so B·H·L·Dh is constant), 20 rounds after 5 warm-ups.
+- ``gpu``: sized for ``bench/gpu_suite.py`` (about two minutes on an H100, most of it
+  compiling FlexAttention and autotuning): fp16, (Dh, L) in {(64, 1024), (64, 4096),
+  (128, 4096)}, 10 rounds after 3 warm-ups.
+- ``gpu-full``: the issue's grid, fp16, Dh in {64, 128}, L in {256, 1024, 4096, 16384}, 20
+  rounds after 5 warm-ups.
 - ``cpu``: fp32, B = 1, H = 4, Dh = 64, L in {256, 1024}, 5 rounds after 1 warm-up.
 - ``tiny``: fp32, B = 1, H = 2, Dh = 16, L = 64, 1 round (a smoke run of every code path).
 
@@ -49,12 +53,17 @@ from pqmim_kernels.reference.attention import masked_attention_reference
 
 CUDA = torch.cuda.is_available()
 GRID = os.environ.get("PQMIM_BENCH_ATTN_GRID", "gpu" if CUDA else "cpu")
-if GRID not in ("gpu", "cpu", "tiny"):
-    raise ValueError(f"PQMIM_BENCH_ATTN_GRID must be gpu, cpu or tiny, got {GRID!r}")
-DEVICE = "cuda" if CUDA and GRID == "gpu" else "cpu"
+if GRID not in ("gpu", "gpu-full", "cpu", "tiny"):
+    raise ValueError(f"PQMIM_BENCH_ATTN_GRID must be gpu, gpu-full, cpu or tiny, got {GRID!r}")
+DEVICE = "cuda" if CUDA and GRID.startswith("gpu") else "cpu"
 REF_MAX_SCORES = 1 << 30 if DEVICE == "cuda" else 1 << 26
 
 if GRID == "gpu":
+    DTYPE = torch.float16
+    SHAPES = [(16384 // seqlen, 2048 // dh, seqlen, dh) for dh, seqlen in ((64, 1024), (64, 4096))]
+    SHAPES.append((16384 // 4096, 2048 // 128, 4096, 128))
+    ROUNDS, WARMUP = 10, 3
+elif GRID == "gpu-full":
     DTYPE = torch.float16
     SHAPES = [
         (16384 // seqlen, 2048 // dh, seqlen, dh)
@@ -75,7 +84,7 @@ PASSES = ("fwd", "fwd_bwd")
 PROVIDERS = ("pqmim", "reference", "sdpa_masked", "flex", "sdpa_gathered")
 
 # Nominal dense fp16/bf16 tensor-core peaks (TFLOP/s) from NVIDIA's datasheets, by name.
-_PEAKS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4))
+_PEAKS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
 
 
 def _sync():
@@ -108,10 +117,11 @@ def _versions() -> dict[str, str]:
 
 
 def _inputs(b, h, seqlen, dh, known, requires_grad):
-    g = torch.Generator(device="cpu").manual_seed(0)
+    # Drawn on the device: a CPU draw and copy of 3 x 2^25 values per case would dominate.
+    g = torch.Generator(device=DEVICE).manual_seed(0)
     q, k, v = (
-        torch.randn(b, h, seqlen, dh, generator=g)
-        .to(device=DEVICE, dtype=DTYPE)
+        torch.randn(b, h, seqlen, dh, generator=g, device=DEVICE)
+        .to(DTYPE)
         .requires_grad_(requires_grad)
         for _ in range(3)
     )

@@ -24,17 +24,24 @@ Optional peers that are not installed are skipped with the pip command in the re
 providers whose score tensors would exceed ``EAGER_MAX_BYTES`` (8 GiB CUDA, 4 GiB CPU) are
 skipped: they do not fit, which is the point of the fused kernel.
 
-Grids (``PQMIM_BENCH_PQ_GRID=gpu|cpu|tiny`` overrides the default, ``gpu`` when CUDA is present):
+Grids (``PQMIM_BENCH_PQ_GRID=gpu|gpu-full|cpu|tiny`` overrides the default, ``gpu`` when CUDA
+is present):
 
-- ``gpu``: the issue's grid, N in {65,536, 262,144, 1,048,576} x M in {4, 8, 16} x K in
-  {256, 1024, 4096}, fp32 and bf16, 10 timed rounds after 3 warm-ups.
+- ``gpu``: sized for ``bench/gpu_suite.py`` (about a minute on an H100): the goal shape
+  N = 1,048,576, M = 16, K = 1024 (d = 16) first, then N in {262,144, 65,536} at that M, K
+  and N in {1,048,576, 65,536} at M = 8, K = 256 (d = 32); fp32 (tf32x3) and bf16; 10 timed
+  rounds after 3 warm-ups.
+- ``gpu-full``: the issue's grid, N in {65,536, 262,144, 1,048,576} x M in {4, 8, 16} x K in
+  {256, 1024, 4096}, fp32 and bf16 (each K and d is a compile of its own: ~10 minutes).
 - ``cpu``: N = 65,536, M in {4, 8, 16}, K in {256, 1024}, fp32 only (bf16 matmuls have no fast
   path on this CPU), 3 rounds after 1 warm-up; plus ``bench_pq_assign_cpu_memory_bound``: ours
   alone at the issue's CPU shape N = 262,144, M = 16, K = 1024 (1 round).
 - ``tiny``: N = 512, M = 4, K in {256, 300}, fp32, 1 round (a smoke run of every code path).
 
 ``extra_info`` per result: device, versions, threads, shape, GFLOP/s for the 2·N·K·D
-multiply-adds, the device's nominal dense peak for that dtype when known (GPU), peak extra
+multiply-adds, the device's nominal dense tensor-core peak for the kernel's arithmetic when
+known (GPU; for fp32 that of tf32x3, a third of the TF32 peak, since it does three TF32
+products per multiply-add), the fp32 precision of the kernel, peak extra
 memory of one call in MiB (see ``bench/conftest.py``), the inputs + outputs size for the
 "memory no more than inputs + outputs" goal, and the fraction of codes equal to ours.
 """
@@ -54,12 +61,23 @@ from pqmim_kernels.functional import pq_assign
 
 CUDA = torch.cuda.is_available()
 GRID = os.environ.get("PQMIM_BENCH_PQ_GRID", "gpu" if CUDA else "cpu")
-if GRID not in ("gpu", "cpu", "tiny"):
-    raise ValueError(f"PQMIM_BENCH_PQ_GRID must be gpu, cpu or tiny, got {GRID!r}")
-DEVICE = "cuda" if CUDA and GRID == "gpu" else "cpu"
+if GRID not in ("gpu", "gpu-full", "cpu", "tiny"):
+    raise ValueError(f"PQMIM_BENCH_PQ_GRID must be gpu, gpu-full, cpu or tiny, got {GRID!r}")
+DEVICE = "cuda" if CUDA and GRID.startswith("gpu") else "cpu"
 D = 256
+FP32_PRECISION = "tf32x3"  # pq_assign's default; the IEEE path is timed in the autotune probe
 
 if GRID == "gpu":
+    SHAPES = [
+        (1 << 20, 16, 1024),  # the goal shape first
+        (262_144, 16, 1024),
+        (65_536, 16, 1024),
+        (1 << 20, 8, 256),
+        (65_536, 8, 256),
+    ]
+    DTYPES = (torch.float32, torch.bfloat16)
+    ROUNDS, WARMUP = 10, 3
+elif GRID == "gpu-full":
     SHAPES = [
         (n, m, k)
         for n in (65_536, 262_144, 1_048_576)
@@ -79,12 +97,14 @@ else:
 PROVIDERS = ("pqmim", "eager_chunked", "eager_cdist", "eager_matmul", "faiss", "vqtorch")
 EAGER_MAX_BYTES = 8 * 2**30 if DEVICE == "cuda" else 4 * 2**30
 
-# Nominal dense peaks (TFLOP/s) from NVIDIA's datasheets: tensor cores for 16-bit inputs; CUDA
-# cores for fp32, which the kernel multiplies in IEEE fp32 (not TF32). Matched on the name.
+# Nominal dense tensor-core peaks (TFLOP/s) from NVIDIA's datasheets, matched on the name:
+# 16-bit inputs at the bf16/fp16 rate; fp32 at a third of the TF32 rate (tf32x3 issues three
+# TF32 products per multiply-add).
 _PEAKS = (
-    ("H100 PCIe", {torch.bfloat16: 756.0, torch.float16: 756.0, torch.float32: 51.0}),
-    ("H100", {torch.bfloat16: 989.4, torch.float16: 989.4, torch.float32: 66.9}),
-    ("H200", {torch.bfloat16: 989.4, torch.float16: 989.4, torch.float32: 66.9}),
+    ("H100 PCIe", {torch.bfloat16: 756.0, torch.float16: 756.0, torch.float32: 378.0 / 3}),
+    ("H100", {torch.bfloat16: 989.4, torch.float16: 989.4, torch.float32: 494.7 / 3}),
+    ("H200", {torch.bfloat16: 989.4, torch.float16: 989.4, torch.float32: 494.7 / 3}),
+    ("A100", {torch.bfloat16: 312.0, torch.float16: 312.0, torch.float32: 156.0 / 3}),
 )
 
 
@@ -116,9 +136,10 @@ def _versions() -> dict[str, str]:
 
 @functools.cache
 def _inputs(n, m, k, dtype):
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(n, D, generator=g).to(device=DEVICE, dtype=dtype)
-    cb = torch.randn(m, k, D // m, generator=g).to(device=DEVICE, dtype=dtype)
+    # Drawn on the device (a CPU draw of 2^28 values and its copy would dominate a GPU run).
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    z = torch.randn(n, D, generator=g, device=DEVICE).to(dtype)
+    cb = torch.randn(m, k, D // m, generator=g, device=DEVICE).to(dtype)
     return z, cb
 
 
@@ -202,7 +223,7 @@ def _provider(name, z, cb, peer):
         pytest.skip(f"{name}: score tensors of {need / 2**30:.1f} GiB do not fit the budget")
     same = lambda r: r  # noqa: E731
     if name == "pqmim":
-        return (lambda: pq_assign(z, cb)), same
+        return (lambda: pq_assign(z, cb, fp32_precision=FP32_PRECISION)), same
     if name == "eager_chunked":
         if DEVICE == "cpu":
             pytest.skip("eager_chunked is what pqmim runs on the CPU")
@@ -256,6 +277,7 @@ def bench_pq_assign(benchmark, peak_extra_bytes, machine_name, peer, dtype, shap
         K=k,
         D=D,
         dtype=str(dtype),
+        fp32_precision=FP32_PRECISION if provider == "pqmim" and DEVICE == "cuda" else None,
         ms=round(benchmark.stats.stats.mean * 1e3, 3),
         peak_extra_MiB=round(peak / 2**20, 1) if peak >= 0 else None,
         inputs_outputs_MiB=round(io_bytes / 2**20, 1),
