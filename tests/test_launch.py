@@ -257,7 +257,8 @@ def test_attention_prune_keeps_what_fits_each_device(
     )
 
     def cost(c):
-        return ma.config_cost(kernel, c, d_pad, dtype.itemsize, mode, key_mask)
+        wgmma = limits.capability >= (9, 0)
+        return ma.config_cost(kernel, c, d_pad, dtype.itemsize, mode, key_mask, wgmma)
 
     def fit(c):
         return _launch.fits(*cost(c), c.num_warps, limits)
@@ -268,7 +269,7 @@ def test_attention_prune_keeps_what_fits_each_device(
     if not fitting:
         assert kept[0] in ma._FALLBACKS
     if dh <= 64 and dtype == torch.float16 and mode == 0:
-        assert len(kept) >= 3, "a real choice at the tuned head dims"
+        assert len(kept) >= 2, "a real choice at the tuned head dims"
 
 
 @pytest.mark.parametrize("cls", CLASSES)
@@ -289,11 +290,17 @@ def test_attention_pinned_config_is_the_same_on_every_device(kernel, dh, elem):
     blocks = set()
     for cls in CLASSES:
         limits = _launch.DEVICE_CLASSES[cls]
+        wgmma = limits.capability >= (9, 0)
         c = ma.pinned_attention_config(kernel, d_pad, elem, limits)
-        smem, regs = ma.config_cost(kernel, c, d_pad, elem)
+        smem, regs = ma.config_cost(kernel, c, d_pad, elem, wgmma=wgmma)
         assert smem + _launch.SMEM_RESERVE <= limits.smem_per_block, (cls, c)
-        if elem == 2 and d_pad <= 128:  # fp32 (IEEE FMA dots) may spill at large head dims
-            assert _launch.fits(smem, regs, c.num_warps, limits), (cls, c)
+        # Registers: the pinned blocks fit wherever some autotune candidate does.
+        candidates = [ma._config(*x) for x in ma._CANDIDATES[kernel]]
+        if any(
+            _launch.fits(*ma.config_cost(kernel, x, d_pad, elem, wgmma=wgmma), x.num_warps, limits)
+            for x in candidates
+        ):
+            assert _launch.fits(smem, regs, c.num_warps, limits), (cls, c, regs)
         blocks.add((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps))
     assert len(blocks) == 1, blocks
 

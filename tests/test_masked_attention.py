@@ -288,7 +288,8 @@ def test_autotuned_gpu_launch_prunes_configs(monkeypatch, device_class):
         for name, kept in pruned.items():
             assert kept, (name, dtype, dh)
             # "combined": a bool attention mask (mode 1) and a key mask
-            costs = [ma.config_cost(name, c, d_pad, dtype.itemsize, 1, True) for c in kept]
+            wgmma = limits.capability >= (9, 0)
+            costs = [ma.config_cost(name, c, d_pad, dtype.itemsize, 1, True, wgmma) for c in kept]
             fitting = [_launch.fits(*cost, c.num_warps, limits) for c, cost in zip(kept, costs)]
             assert all(fitting) or (len(kept) == 1 and kept[0] in ma._FALLBACKS), (name, kept)
             for smem, _ in costs:

@@ -555,7 +555,7 @@ def test_kept_tilings_compile_fit_and_do_not_spill(monkeypatch, cls, case):
         assert used["shared"] <= limits.smem_per_block, (config, used)
         assert used["shared"] <= cost(config)[0], (config, used, cost(config))
         if used["stack"] is not None:
-            assert used["stack"] <= 64, (config, used)  # a few bytes are not a spill loop
+            assert used["stack"] <= 128, (config, used)  # a few words, not a spill loop
 
 
 @pytest.mark.parametrize(

@@ -591,14 +591,20 @@ _FALLBACKS = [_config(32, 32, 4, 2), _config(16, 16, 1, 1)]
 # fp32 inputs take the next row down (512: fp32 at D_PAD = 256, sized to fit 99 KiB at one
 # stage). The pipeline depth adapts to the device; blocks and warps never do.
 _PINNED = {
-    "fwd": {64: (64, 64, 4), 128: (64, 64, 4), 256: (64, 32, 4), 512: (32, 16, 2)},
-    "dq": {64: (64, 64, 4), 128: (64, 32, 4), 256: (32, 32, 4), 512: (16, 16, 2)},
-    "dkdv": {64: (64, 64, 4), 128: (64, 32, 4), 256: (32, 32, 4), 512: (16, 16, 2)},
+    "fwd": {64: (64, 64, 4), 128: (64, 32, 4), 256: (64, 32, 4), 512: (32, 16, 2)},
+    "dq": {64: (64, 32, 4), 128: (64, 32, 4), 256: (32, 32, 4), 512: (16, 16, 2)},
+    "dkdv": {64: (64, 32, 4), 128: (64, 32, 4), 256: (32, 32, 4), 512: (16, 16, 2)},
 }
 
 
 def config_cost(
-    kernel: str, config, d_pad: int, elem: int, mask_mode: int = 0, key_mask: bool = False
+    kernel: str,
+    config,
+    d_pad: int,
+    elem: int,
+    mask_mode: int = 0,
+    key_mask: bool = False,
+    wgmma: bool = True,
 ) -> tuple[int, float]:
     """(shared memory bytes, registers per thread) of one program of ``kernel`` (see
     :mod:`pqmim_kernels.ops._launch`).
@@ -608,8 +614,9 @@ def config_cost(
     fp32 accumulators and score-sized temporaries spread over all threads, plus the dot
     operands of the program's rows, which are replicated across the warps that do not split
     those rows (an MMA tile has 16 rows: ``BLOCK // 16`` warps can split them), plus the
-    mask's pointer and value tiles. Weights fitted to ptxas's counts on sm_90 (Triton 3.9) so
-    that no kept 16-bit config spills more than a few bytes.
+    mask's pointer and value tiles. Before Hopper (``wgmma=False``: sm_80/86/89 MMA) the
+    streamed operands pass through registers too. Weights fitted to ptxas's counts on sm_90
+    and sm_80 (Triton 3.9), erring towards pruning.
     """
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     warps = config.num_warps
@@ -619,18 +626,23 @@ def config_cost(
     if kernel == "fwd":  # streams k, v; keeps q; acc (BM, D); s, p
         smem = elem * d_pad * (bm + 2 * bn * stages)
         rows, fp32_tiles, operands = bm, bm * d_pad + 2 * bm * bn, (bm * d_pad + bm * bn) * words
+        streamed = 2 * bn * d_pad * words
     elif kernel == "dq":  # streams k, v; keeps q, do; acc dq; s, p, dp, ds
         smem = elem * d_pad * (2 * bm + 2 * bn * stages)
         rows, fp32_tiles = bm, bm * d_pad + 3 * bm * bn
         operands = (2 * bm * d_pad + bm * bn) * words
+        streamed = 2 * bn * d_pad * words
     else:  # dkdv: streams q, do; keeps k, v; acc dk, dv; s, p, dp, ds (transposed)
         smem = elem * d_pad * (2 * bn + 2 * bm * stages) + elem * bm * bn
         rows, fp32_tiles = bn, 2 * bn * d_pad + 3 * bm * bn
         operands = (2 * bn * d_pad + 2 * bm * bn) * words
+        streamed = 2 * bm * d_pad * words
     smem += mask_bytes * bm * bn * max(1, stages - 1) + (bn * stages if key_mask else 0)
     threads = 32 * warps
     row_warps = min(warps, max(1, rows // 16))
-    regs = fp32_tiles / threads + 0.5 * operands / (32 * row_warps) + 50
+    regs = fp32_tiles / threads + operands / (32 * row_warps) + 50
+    if not wgmma:
+        regs += 0.5 * streamed / (32 * (warps // row_warps))
     if mask_mode:
         regs += 2.5 * bm * bn / threads
     return smem, regs
@@ -643,11 +655,13 @@ def _prune(kernel: str):
         args = {**named_args, **kwargs}
         q = args["Q"]
         mode, key_mask = args.get("MASK_MODE", 0), args.get("HAS_KEY_MASK", False)
+        limits = device_limits(q)
+        wgmma = limits.capability >= (9, 0)
 
         def cost(c):
-            return config_cost(kernel, c, args["D_PAD"], q.element_size(), mode, key_mask)
+            return config_cost(kernel, c, args["D_PAD"], q.element_size(), mode, key_mask, wgmma)
 
-        return fitting_configs(configs, cost, device_limits(q), _FALLBACKS)
+        return fitting_configs(configs, cost, limits, _FALLBACKS)
 
     return prune
 
@@ -680,9 +694,10 @@ def pinned_attention_config(
     """
     row = max(64, d_pad) * (2 if elem == 4 else 1)
     bm, bn, warps = _PINNED[kernel][min(row, 512)]
+    wgmma = limits.capability >= (9, 0)
 
     def cost(c):
-        return config_cost(kernel, c, d_pad, elem, mask_mode, key_mask)
+        return config_cost(kernel, c, d_pad, elem, mask_mode, key_mask, wgmma)
 
     return pinned_config(lambda s: _config(bm, bn, warps, s), cost, limits, _FALLBACKS)
 
