@@ -1,4 +1,5 @@
-"""Build script: CMake builds the C++ rANS core and the ``pqmim_kernels._rans`` extension.
+"""Build script: CMake builds the C++ rANS core and the ``pqmim_kernels._rans`` extension, and the
+integer entropy-model engine ``pqmim_kernels._intmim``.
 
 ``pip install -e .`` (or ``pip install .``) runs CMake through the ``build_ext`` command below.
 No torch is needed at build time: the extension takes numpy buffers. Environment knobs:
@@ -63,6 +64,9 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    ext_modules=[CMakeExtension("pqmim_kernels._rans", target="_rans")],
+    ext_modules=[
+        CMakeExtension("pqmim_kernels._rans", target="_rans"),
+        CMakeExtension("pqmim_kernels._intmim", target="_intmim"),
+    ],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -435,3 +435,58 @@ def masked_attention(
         q, k, v, key_lengths, key_mask, attn_mask, scale, chosen, pinned
     )
     return out
+
+
+# ---- the integer entropy model (issue: entropy model v2) ----
+
+_INT_BACKENDS = ("auto", "reference", "cpp")
+
+
+def _int_backend(backend: str, device: torch.device, op: str) -> str:
+    from pqmim_kernels.coding import int_kernels
+
+    if backend not in _INT_BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {_INT_BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return backend
+    if device.type != "cpu":
+        if backend == "cpp":
+            raise RuntimeError(f"{op}: the C++ engine takes CPU tensors only, got {device}")
+        return "reference"
+    if int_kernels.available():
+        return "cpp"
+    if backend == "cpp":
+        raise RuntimeError(f"{op}: the C++ engine is unavailable: {int_kernels.why()}")
+    return "reference"
+
+
+def int_session(model, grid: tuple[int, int], key_stage: torch.Tensor, backend: str = "auto"):
+    """Per-image coding session of an integer entropy model
+    (:class:`pqmim_kernels.reference.int_mim.IntMIM`): ``query`` / ``known`` / ``head_logits`` /
+    ``cdfs``, see :class:`pqmim_kernels.reference.int_mim.IntSession`.
+
+    ``backend``: ``"auto"`` takes the compiled C++ engine for a model on the CPU when it is built
+    and current, and the torch spec otherwise (any device); ``"reference"`` always the spec;
+    ``"cpp"`` requires the engine. Every backend gives the same integers.
+    """
+    from pqmim_kernels.reference.int_mim import IntSession
+
+    if _int_backend(backend, model.device, "int_session") == "cpp":
+        from pqmim_kernels.coding.int_kernels import CppSession
+
+        return CppSession(model, grid, key_stage)
+    return IntSession(model, grid, key_stage)
+
+
+def int_window_attention(*args, backend: str = "auto", **kwargs) -> torch.Tensor:
+    """Integer local attention of the entropy model: arguments and result of
+    :func:`pqmim_kernels.reference.int_mim.window_attention_int` (its spec); ``backend`` as in
+    :func:`int_session`."""
+    from pqmim_kernels.reference.int_mim import window_attention_int
+
+    q = args[0] if args else kwargs["q"]
+    if _int_backend(backend, q.device, "int_window_attention") == "cpp":
+        from pqmim_kernels.coding import int_kernels
+
+        return int_kernels.window_attention(*args, **kwargs)
+    return window_attention_int(*args, **kwargs)

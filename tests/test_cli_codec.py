@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny import make_coding_ready
 from PIL import Image
 
 from pqmim_kernels.cli import codec as cli_codec
@@ -34,7 +35,7 @@ def model_file(tmp_path_factory):
     with torch.no_grad():
         model.quantize(model.encode_latent(torch.rand(4, 3, 64, 64)))
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(model.eval(), path)
+    save_model(make_coding_ready(model.eval()), path)
     return path
 
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from _tiny import make_coding_ready
 
 from pqmim_kernels.coding import pqm_format as fmt
 from pqmim_kernels.models import (
@@ -31,7 +32,7 @@ def tiny_model(seed=0, config=TINY):
     # vary across the grid (random codebooks map nearly every token to one code)
     with torch.no_grad():
         model.quantize(model.encode_latent(_image(64, 64, seed=seed + 100).expand(4, 3, 64, 64)))
-    return model.eval()
+    return make_coding_ready(model.eval(), seed)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +149,7 @@ def test_size_bit_flip_that_keeps_the_token_grid_is_caught(model):
     header, payload = fmt.unpack(data)
     for field, value in (("width", 74), ("width", 67), ("height", 36), ("height", 33)):
         bad = fmt.pack(fmt.PqmHeader(**{**header.__dict__, field: value}), payload)
-        with pytest.raises(ValueError, match=r"fail the .pqm code check: the file \(header"):
+        with pytest.raises(ValueError, match=r"fail the .pqm code check: either the file \(header"):
             model.decompress(bad)
 
 
@@ -165,7 +166,7 @@ def test_decompression_bomb_header_is_refused_before_any_work(model, monkeypatch
 
     with monkeypatch.context() as mp:
         mp.setattr(codec_module, "coding_order", no_work)
-        mp.setattr(model, "_stage_cdfs", no_work)
+        mp.setattr(model, "_code", no_work)
         for h, w in ((16384, 16384), (1 << 20, 1 << 20), (8192, 4097)):
             bomb = fmt.pack(fmt.PqmHeader(header.model_id, h, w, header.stages_sent, 0), payload)
             with pytest.raises(ValueError, match=rf"claims a {w}x{h} image .* of 33554432 px"):
@@ -229,15 +230,17 @@ def test_hundreds_of_random_corruptions_never_crash_or_lie():
 
 
 def test_probability_mismatch_is_detected(model):
-    """A decoder whose entropy model differs (as on another device) never returns silently
-    wrong codes: the rANS end check or the code check fires."""
+    """A decoder whose entropy model differs (another model with a colliding id) never returns
+    silently wrong codes: the rANS end check or the code check fires, naming both causes."""
     x = _image(96, 96, seed=11)
     data = model.compress(x)
     drift = tiny_model(0)
-    with torch.no_grad():
-        drift.entropy_model.head.bias.add_(0.5 * torch.randn_like(drift.entropy_model.head.bias))
+    tensors, meta = drift.int_state()
+    tensors = dict(tensors)
+    tensors["out.b"] = tensors["out.b"] + torch.randint(-(1 << 12), 1 << 12, tensors["out.b"].shape)
+    drift.set_int_entropy_model(tensors, meta)
     drift.model_id = model.model_id  # pretend to be the same model
-    with pytest.raises(ValueError, match="corrupt .pqm payload|code check"):
+    with pytest.raises(ValueError, match="another entropy model whose model id happens to match"):
         drift.decompress(data)
 
 

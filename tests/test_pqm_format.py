@@ -72,7 +72,16 @@ def test_unpack_errors():
     bad_version[2] = (7 << 4) | (bad_version[2] & 0xF)
     with pytest.raises(ValueError, match="unsupported .pqm format version 7"):
         fmt.unpack(bytes(bad_version))
-    zero_h = fmt.MAGIC + bytes([0x29]) + b"\x12\x34" + b"\x00\x05" + b"\0\0"
+    # a file of the previous format says what wrote it and what this build reads
+    old = bytearray(good)
+    old[2] = (2 << 4) | (old[2] & 0xF)
+    with pytest.raises(
+        ValueError,
+        match=r"format version 2 \(written by pqmim-kernels 0.1 \(entropy model v1.*reads "
+        r"version 3 only",
+    ):
+        fmt.unpack(bytes(old))
+    zero_h = fmt.MAGIC + bytes([0x39]) + b"\x12\x34" + b"\x00\x05" + b"\0\0"
     with pytest.raises(ValueError, match=r"image height 0 out of range"):
         fmt.unpack(zero_h)
 
@@ -98,7 +107,7 @@ def test_check_covers_the_header_bytes():
     ctx = fmt.check_context(h)
     packed = fmt.pack(h, b"payload")
     assert packed.startswith(ctx) and len(ctx) == len(packed) - 2 - len(b"payload")
-    assert ctx[2] >> 4 == fmt.FORMAT_VERSION == 2
+    assert ctx[2] >> 4 == fmt.FORMAT_VERSION == 3
     codes = np.arange(24, dtype=np.int64).reshape(4, 6)
     want = zlib.crc32(ctx + codes.astype("<u2").tobytes()) & 0xFFFF
     assert fmt.code_check(codes, ctx) == want

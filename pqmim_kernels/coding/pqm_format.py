@@ -40,7 +40,12 @@ __all__ = [
 ]
 
 MAGIC = b"\xb5Q"
-FORMAT_VERSION = 2  # 2: the check also covers the header fields
+FORMAT_VERSION = 3  # 2: the check also covers the header fields; 3: integer entropy model v2
+# What each format version was written by, for the message that refuses it.
+_WRITTEN_BY = {
+    1: "pqmim-kernels 0.1 before the header check (entropy model v1)",
+    2: "pqmim-kernels 0.1 (entropy model v1, float probabilities)",
+}
 MAX_DIM = 1 << 20  # 1 Mpx per side: far beyond any real use, keeps allocations bounded
 _MAX_VARINT_BYTES = 5
 
@@ -153,8 +158,10 @@ def unpack(data: bytes) -> tuple[PqmHeader, bytes]:
         raise ValueError("corrupt .pqm file: truncated header")
     version, stages_sent = data[2] >> 4, (data[2] & 0x0F) + 1
     if version != FORMAT_VERSION:
+        origin = _WRITTEN_BY.get(version, "a newer or unknown pqmim-kernels")
         raise ValueError(
-            f"unsupported .pqm format version {version} (this build reads version {FORMAT_VERSION})"
+            f"unsupported .pqm format version {version} (written by {origin}); this build reads "
+            f"version {FORMAT_VERSION} only"
         )
     model_id = data[3:5]
     height, pos = read_varint(data, 5)

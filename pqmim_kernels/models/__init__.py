@@ -31,6 +31,10 @@ __all__ = [
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "data" / "default_model.pt"
 _FILE_KIND = "pqmim-model"
+# 2: entropy model v2 and its integer export (.pqm format 3). Version-1 files hold the first
+# entropy model, which this release cannot code with (their PQ-VAE can be reused: train with
+# ``--init-from``).
+_FILE_VERSION = 2
 
 
 def save_model(model: PQMIM, path: str | os.PathLike, *, half: bool = True, extra=None) -> None:
@@ -48,16 +52,17 @@ def save_model(model: PQMIM, path: str | os.PathLike, *, half: bool = True, extr
         state[name] = t.clone()
     cfg = dataclasses.asdict(model.config)
     cfg["channels"] = list(cfg["channels"])
-    torch.save(
-        {
-            "kind": _FILE_KIND,
-            "version": 1,
-            "config": cfg,
-            "state_dict": state,
-            "extra": extra or {},
-        },
-        str(path),
-    )
+    blob = {
+        "kind": _FILE_KIND,
+        "version": _FILE_VERSION,
+        "config": cfg,
+        "state_dict": state,
+        "extra": extra or {},
+    }
+    int_state = model.int_state()
+    if int_state is not None:
+        blob["int_entropy_model"] = {"tensors": int_state[0], "meta": int_state[1]}
+    torch.save(blob, str(path))
 
 
 def load_model(name_or_path: str = "default", device: str = "cpu") -> PQMIM:
@@ -78,9 +83,19 @@ def load_model(name_or_path: str = "default", device: str = "cpu") -> PQMIM:
         raise ValueError(f"load_model: {path} is not a PQ-MIM model file ({exc})") from exc
     if not isinstance(blob, dict) or blob.get("kind") != _FILE_KIND:
         raise ValueError(f"load_model: {path} is not a PQ-MIM model file")
+    version = blob.get("version")
+    if version != _FILE_VERSION:
+        raise ValueError(
+            f"load_model: {path} is a model file of version {version}; this release reads "
+            f"version {_FILE_VERSION} (entropy model v2, .pqm format 3). A version-1 file's "
+            "PQ-VAE can be reused: pqmim train --init-from FILE trains a new entropy model for it"
+        )
     model = PQMIM(PQMIMConfig.from_dict(blob["config"]))
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in blob["state_dict"].items()}
     model.load_state_dict(state)
+    if "int_entropy_model" in blob:
+        im = blob["int_entropy_model"]
+        model.set_int_entropy_model(im["tensors"], im["meta"])
     model.training_info = blob.get("extra", {})
     return model.to(device).eval()
 

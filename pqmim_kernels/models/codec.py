@@ -3,20 +3,24 @@
 ``forward(x)`` (training), ``compress(x) -> bytes`` and ``decompress(bytes) -> x̂``. The bitstream
 is a ``.pqm`` file (:mod:`pqmim_kernels.coding.pqm_format`, spec in ``docs/PQM_FORMAT.md``).
 
-Determinism (PQMIM.md §5). Encoder and decoder compute every stage's probabilities with the
-same call: batch of one, the sequence ``[known tokens in coding order] + [this stage's tokens]``
-(the other unknown tokens are dropped: unknown tokens are queries only, so they cannot change
-anybody's output), the same model and backend. The fp32 logits are rounded to a
-``1/logit_grid`` grid and the softmax is taken in float64 before the shared integer
-quantisation (:func:`pqmim_kernels.coding.quantize_probs`). A CRC of the codes in the header
-turns any remaining mismatch (other model, other device, corrupt payload) into a ``ValueError``.
+Determinism (PQMIM.md §5). Every probability the coder sees comes from the *integer* entropy
+model (:mod:`pqmim_kernels.reference.int_mim`), whose tensors are stored in the model file: its
+CDFs are exact integers computed by integer-exact operations, so a file decodes bit-exactly on any
+CPU (any ISA, thread count or BLAS) and on a GPU. Encoder and decoder run the same per-stage
+procedure (:meth:`PQMIM._code`): query stream of the stage's tokens, sub-codes in sub-space order,
+then the known stream of those tokens into the key cache. A CRC of the codes in the header turns
+any remaining mismatch (other model, corrupt payload) into a ``ValueError``.
+
+What is *not* bit-exact across machines is the float part around the codes: the conv encoder and
+the product quantizer's argmin (an image may get other codes on another machine, near ties) and
+the conv decoder (the decoded image may differ by rounding). The codes in a file, and therefore the
+bytes written for given codes, are exact.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 
 import numpy as np
 import torch
@@ -37,6 +41,10 @@ __all__ = ["MAX_DECODE_PIXELS", "PQMIM", "pad_to_multiple"]
 # rANS stream ran dry; 65536 x 65536 reached 20 GB). 2^25 px (33.5 Mpx) is far beyond what the
 # CPU path decodes in memory anyway; pass max_pixels=None to lift it for a trusted file.
 MAX_DECODE_PIXELS = 1 << 25
+# The rANS framing of the payload (pqmim_kernels.coding.rans): "compact" drops the stream's own
+# header and check value (the .pqm header records everything the decoder needs: the symbol
+# count follows from the image size and the stages sent, and the code check guards integrity).
+PAYLOAD_FRAMING = "compact"
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = DOWNSAMPLING) -> torch.Tensor:
@@ -64,7 +72,9 @@ class PQMIM(nn.Module):
     """PQ-MIM learned image codec (one model per rate point ``(M, K)``).
 
     Sub-modules: ``encoder`` (g_a), ``quantizer`` (:class:`pqmim_kernels.nn.ProductQuantizer`),
-    ``decoder`` (g_s) and ``entropy_model`` (:class:`MIMEntropyModel`).
+    ``decoder`` (g_s) and ``entropy_model`` (:class:`MIMEntropyModel`, the float model that is
+    trained); coding uses its integer export (:meth:`export_entropy_model`,
+    :attr:`int_entropy_model`).
     """
 
     def __init__(self, config: PQMIMConfig | None = None) -> None:
@@ -87,7 +97,18 @@ class PQMIM(nn.Module):
             depth=config.mim_depth,
             heads=config.mim_heads,
             mlp_ratio=config.mim_mlp_ratio,
+            radius=config.mim_radius,
+            head_depth=config.mim_head_depth,
+            head_mlp_ratio=config.mim_head_mlp_ratio,
         )
+        # The integer entropy model that codes (exported from ``entropy_model``; stored in the
+        # model file). None until :meth:`export_entropy_model` or loading a model file.
+        self._int_tensors: dict[str, torch.Tensor] | None = None
+        self._int_meta: dict | None = None
+        self._int_model = None
+        # Backend of the integer entropy model (functional.int_session): every backend gives
+        # the same integers; "auto" = the C++ engine on the CPU when built, the torch spec else.
+        self.int_backend = "auto"
 
     # ---- the two halves of the PQ-VAE ----
 
@@ -124,19 +145,19 @@ class PQMIM(nn.Module):
 
     # ---- training contract ----
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+    def forward(self, x: torch.Tensor) -> dict:
         """Training pass on (B, 3, H, W) float in [0, 1] (padded to multiples of 16 if needed).
 
         Returns a dict: ``x_hat`` (B, 3, H, W) reconstruction (straight-through gradient to the
         encoder), ``codes`` (B, h, w, M) int64, ``vq_loss`` scalar (commitment + codebook
-        terms of the quantizer), ``bits`` (B,) float32 rate estimate in bits (MIM cross-entropy
-        at a random stage of the coding schedule, scaled to all h·w tokens), ``bpp`` (B,).
+        terms of the quantizer), ``bits`` (B,) float32 rate in bits (the float entropy model's
+        cross-entropy of the codes under the coding schedule), ``bpp`` (B,).
         """
         _check_image(x)
         size = x.shape[-2:]
         q, codes, vq_loss = self.quantize(self.encode_latent(x))
         x_hat = self.decoder(q.permute(0, 3, 1, 2))[..., : size[0], : size[1]]
-        bits = self.mim_bits(codes, generator=generator)
+        bits = self.mim_bits(codes)
         return {
             "x_hat": x_hat,
             "codes": codes,
@@ -145,37 +166,125 @@ class PQMIM(nn.Module):
             "bpp": bits / float(size[0] * size[1]),
         }
 
-    def mim_bits(self, codes: torch.Tensor, generator: torch.Generator | None = None):
-        """Rate estimate for training: (B,) bits for the whole grid (see :func:`mim_bits`)."""
-        return mim_bits(self.entropy_model, codes, self.config.stages, generator)
+    def mim_bits(self, codes: torch.Tensor) -> torch.Tensor:
+        """Float-model rate of code grids (B, h, w, M): (B,) bits (see :func:`mim_bits`)."""
+        return mim_bits(self.entropy_model, codes, self.config.stages)
+
+    # ---- the integer entropy model ----
+
+    def export_entropy_model(self) -> None:
+        """Export the (calibrated) float entropy model to the integer model used for coding."""
+        tensors, meta = self.entropy_model.export_int()
+        self.set_int_entropy_model(tensors, meta)
+
+    def set_int_entropy_model(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Install an integer entropy model (tensors + meta of ``export_int``), validated."""
+        from pqmim_kernels.reference.int_mim import IntMIM
+
+        cfg = self.config
+        want = {
+            "num_subspaces": cfg.num_subspaces,
+            "codebook_size": cfg.codebook_size,
+            "width": cfg.mim_width,
+            "depth": cfg.mim_depth,
+            "heads": cfg.mim_heads,
+            "radius": cfg.mim_radius,
+            "head_depth": cfg.mim_head_depth,
+        }
+        bad = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+        if bad:
+            raise ValueError(f"integer entropy model does not match the model config: {bad}")
+        model = IntMIM(tensors, meta)
+        self._int_tensors = {k: v.detach().cpu().clone() for k, v in tensors.items()}
+        self._int_meta = dict(meta)
+        self._int_model = model
+
+    @property
+    def int_entropy_model(self):
+        """The :class:`~pqmim_kernels.reference.int_mim.IntMIM` that codes, on the model's
+        device. Raises RuntimeError when the model has none (export it first)."""
+        if self._int_model is None:
+            raise RuntimeError(
+                "this PQMIM model has no integer entropy model: calibrate and export it "
+                "(model.entropy_model.calibrate(...); model.export_entropy_model()) or load a "
+                "trained model file"
+            )
+        if self._int_model.device != self._device():
+            self._int_model.to(self._device())
+        return self._int_model
+
+    def int_state(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """``(tensors, meta)`` of the integer entropy model (for saving), or None."""
+        if self._int_tensors is None:
+            return None
+        return self._int_tensors, dict(self._int_meta)
 
     # ---- coding ----
 
     def model_id(self) -> bytes:
-        """2-byte fingerprint: sha256 of the config and every state-dict tensor (fp32 bytes)."""
+        """2-byte fingerprint: sha256 of the config, every state-dict tensor (fp32 bytes) and
+        every integer entropy-model tensor (int64/int8 little-endian bytes), in name order."""
         hsh = hashlib.sha256(self.config.to_json().encode())
         for name, t in sorted(self.state_dict().items()):
             hsh.update(name.encode())
             hsh.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        if self._int_tensors is not None:
+            for name, t in sorted(self._int_tensors.items()):
+                hsh.update(b"int:" + name.encode())
+                arr = t.contiguous().numpy()
+                hsh.update(arr.astype(arr.dtype.newbyteorder("<")).tobytes())
         return hsh.digest()[:2]
 
-    def _stage_cdfs(self, codes_flat: torch.Tensor, order: np.ndarray, lo: int, hi: int, grid):
-        """Integer CDFs (T*M, K+1) for the tokens ``order[lo:hi]`` given ``order[:lo]``."""
-        from pqmim_kernels.coding import quantize_probs
-
-        idx = torch.from_numpy(order[:hi].copy()).to(codes_flat.device)
-        seq = codes_flat[idx][None]  # (1, hi, M); slots >= lo are ignored by the model
-        num_known = torch.tensor([lo], device=codes_flat.device)
-        logits = self.entropy_model(seq, idx[None], num_known, grid, num_out=hi - lo)
-        # fp32 logits -> coarse grid -> float64 softmax: robust against tiny float noise.
-        g = float(self.config.logit_grid)
-        z = torch.round(logits.detach().float().cpu().double() * g) / g
-        probs = torch.softmax(z.reshape(-1, self.config.codebook_size), dim=-1)
-        return quantize_probs(probs.float().numpy())
-
-    def _stages(self, n: int):
+    def _schedule(self, h: int, w: int):
+        """``(order, cum, stage)``: coding order (N,) int64 numpy, stage bounds (S+1,), and the
+        stage of every raster position as an int64 tensor on the model's device."""
+        n = h * w
+        order = coding_order(h, w)
         cum = stage_bounds(n, self.config.stages)
-        return [(s, int(cum[s]), int(cum[s + 1])) for s in range(self.config.stages)]
+        stage = np.empty(n, dtype=np.int64)
+        for s in range(self.config.stages):
+            stage[order[cum[s] : cum[s + 1]]] = s
+        return order, cum, torch.from_numpy(stage).to(self._device())
+
+    def _code(self, grid, flat: torch.Tensor, sent: int, coder, decoding: bool) -> None:
+        """The per-stage coding procedure shared by encoder and decoder (PQMIM.md §4).
+
+        ``flat``: (h*w, M) int64 codes in raster order (read when encoding; written when
+        decoding and for the stages ``>= sent``, which are filled with the most likely codes).
+        ``coder``: a :class:`RansEncoder` or :class:`RansDecoder` for the stages ``< sent``.
+        For every non-empty stage ``s`` in order: the query stream of its tokens; for each
+        sub-space ``m`` the integer CDFs given sub-codes ``< m``, coded (or decoded, or argmax
+        for a stage not sent); then the known stream of the stage's tokens fills the key cache.
+        """
+        from pqmim_kernels.functional import int_session
+
+        h, w = grid
+        order, cum, stage = self._schedule(h, w)
+        session = int_session(self.int_entropy_model, grid, stage, backend=self.int_backend)
+        last = self.config.stages if decoding else sent
+        for s in range(last):
+            lo, hi = int(cum[s]), int(cum[s + 1])
+            if lo == hi:
+                continue
+            pos = torch.from_numpy(order[lo:hi].copy()).to(flat.device)
+            st = stage[pos]
+            xq = session.query(pos, st)
+            codes = flat[pos] if not decoding else torch.zeros_like(flat[pos])
+            for m in range(self.config.num_subspaces):
+                logits = session.head_logits(xq, codes, m)
+                if s >= sent:
+                    codes[:, m] = logits.argmax(dim=-1).to(codes.device)
+                    continue
+                cdfs = session.cdfs(logits)
+                if decoding:
+                    sym = coder.decode_cdfs(cdfs)
+                    codes[:, m] = torch.from_numpy(np.asarray(sym, dtype=np.int64)).to(codes.device)
+                else:
+                    coder.encode_cdfs(codes[:, m].cpu().numpy(), cdfs)
+            if decoding:
+                flat[pos] = codes
+            if s + 1 < last:
+                session.known(codes, pos, st)
 
     @torch.no_grad()
     def compress(self, x: torch.Tensor, stages: int | None = None) -> bytes:
@@ -185,16 +294,24 @@ class PQMIM(nn.Module):
         fills the tokens of the missing stages with the entropy model's most likely codes
         (PQMIM.md §7, hybrid compression/generation): fewer bytes, lower fidelity.
         """
-        from pqmim_kernels.coding import RansEncoder
-
         _check_image(x)
         if x.shape[0] != 1:
             raise ValueError(f"compress: x must hold one image (1, 3, H, W), got {tuple(x.shape)}")
+        height, width = int(x.shape[2]), int(x.shape[3])
+        self._check_size(height, width)
+        stages = self._check_stages(stages)
+        codes = self.encode_codes(x.to(self._device()))[0]  # (h, w, M)
+        return self.compress_codes(codes, (height, width), stages)
+
+    def _check_stages(self, stages) -> int:
         total = self.config.stages
         stages = total if stages is None else stages
         if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= total:
             raise ValueError(f"compress: stages must be an int in [1, {total}], got {stages!r}")
-        height, width = int(x.shape[2]), int(x.shape[3])
+        return stages
+
+    @staticmethod
+    def _check_size(height: int, width: int) -> None:
         if max(height, width) > pqm_format.MAX_DIM:
             raise ValueError(f"compress: image side must be <= {pqm_format.MAX_DIM} px")
         if height * width > MAX_DECODE_PIXELS:
@@ -202,24 +319,35 @@ class PQMIM(nn.Module):
                 f"compress: a {width}x{height} image is over the decoder's default limit of "
                 f"{MAX_DECODE_PIXELS} px (MAX_DECODE_PIXELS); split it into tiles"
             )
-        codes = self.encode_codes(x.to(self._device()))[0]  # (h, w, M)
-        h, w, m = codes.shape
-        order = coding_order(h, w)
-        flat = codes.reshape(h * w, m)
-        enc = RansEncoder()
-        sent = 0
-        for s, lo, hi in self._stages(h * w):
-            if s >= stages:
-                break
-            sent = hi
-            if hi == lo:
-                continue
-            cdfs = self._stage_cdfs(flat, order, lo, hi, (h, w))
-            symbols = flat[torch.from_numpy(order[lo:hi].copy()).to(flat.device)].reshape(-1)
-            enc.encode_cdfs(symbols.cpu().numpy().astype(np.int64), cdfs)
+
+    @torch.no_grad()
+    def compress_codes(
+        self, codes: torch.Tensor, size: tuple[int, int], stages: int | None = None
+    ) -> bytes:
+        """Codes (h, w, M) int64 in [0, K) of an image of ``size = (H, W)`` pixels -> bytes of a
+        ``.pqm`` file (``h = ceil(H/16)``, ``w = ceil(W/16)``). Exact: the same codes give the
+        same bytes on every machine (what the golden tests pin)."""
+        from pqmim_kernels.coding import RansEncoder
+
+        height, width = (int(v) for v in size)
+        self._check_size(height, width)
+        stages = self._check_stages(stages)
+        h, w = -(-height // DOWNSAMPLING), -(-width // DOWNSAMPLING)
+        m, k = self.config.num_subspaces, self.config.codebook_size
+        if not isinstance(codes, torch.Tensor) or tuple(codes.shape) != (h, w, m):
+            got = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
+            raise ValueError(f"compress_codes: codes must be a ({h}, {w}, {m}) tensor, got {got}")
+        if codes.dtype.is_floating_point or codes.numel() and not (
+            0 <= int(codes.min()) and int(codes.max()) < k
+        ):
+            raise ValueError(f"compress_codes: codes must be integers in [0, {k})")
+        flat = codes.reshape(h * w, m).to(self._device(), torch.int64)
+        enc = RansEncoder(framing=PAYLOAD_FRAMING)
+        self._code((h, w), flat, stages, enc, decoding=False)
+        order, cum, _ = self._schedule(h, w)
         header = pqm_format.PqmHeader(self.model_id(), height, width, stages, check=0)
         check = pqm_format.code_check(
-            flat.cpu().numpy()[order[:sent]], pqm_format.check_context(header)
+            flat.cpu().numpy()[order[: int(cum[stages])]], pqm_format.check_context(header)
         )
         return pqm_format.pack(dataclasses.replace(header, check=check), enc.finish())
 
@@ -230,9 +358,10 @@ class PQMIM(nn.Module):
         """Bytes of a ``.pqm`` file -> ``(codes (1, h, w, M) int64, (H, W))``.
 
         Raises ``ValueError`` for foreign, truncated or corrupt files, files made by another
-        model, code-check mismatches (another device/backend whose probabilities differ), and
-        headers claiming more than ``max_pixels`` pixels (``None``: no limit), checked before
-        any work so a corrupt size cannot cost minutes and gigabytes.
+        model or format version, code-check mismatches, and headers claiming more than
+        ``max_pixels`` pixels (``None``: no limit), checked before any work so a corrupt size
+        cannot cost minutes and gigabytes; ``MemoryError`` when this machine cannot hold the
+        decoder's working set for the claimed size (not a corrupt file).
         """
         from pqmim_kernels.coding import RansDecoder
 
@@ -257,39 +386,38 @@ class PQMIM(nn.Module):
         h = -(-header.height // DOWNSAMPLING)
         w = -(-header.width // DOWNSAMPLING)
         m = self.config.num_subspaces
-        order = coding_order(h, w)
-        flat = torch.zeros(h * w, m, dtype=torch.int64, device=self._device())
-        stages = self._stages(h * w)
-        sent = stages[header.stages_sent - 1][2]
+        _, cum, _ = self._schedule(h, w)
         try:
-            dec = RansDecoder(payload)
-            for _, lo, hi in stages[: header.stages_sent]:
-                if hi == lo:
-                    continue
-                cdfs = self._stage_cdfs(flat, order, lo, hi, (h, w))
-                sym = np.asarray(dec.decode_cdfs(cdfs), dtype=np.int64).reshape(hi - lo, m)
-                pos = torch.from_numpy(order[lo:hi].copy()).to(flat.device)
-                flat[pos] = torch.from_numpy(sym).to(flat.device)
+            flat = torch.zeros(h * w, m, dtype=torch.int64, device=self._device())
+            symbols = int(cum[header.stages_sent]) * m
+            dec = RansDecoder(payload, framing=PAYLOAD_FRAMING, symbols=symbols)
+            self._code((h, w), flat, header.stages_sent, dec, decoding=True)
             dec.finish()
+        except (MemoryError, torch.OutOfMemoryError) as exc:
+            raise MemoryError(
+                f"decoding this {header.width}x{header.height} .pqm image needs more memory "
+                f"than this machine has ({exc})"
+            ) from exc
         except (ValueError, RuntimeError, IndexError, OverflowError) as exc:
-            raise ValueError(f"corrupt .pqm payload: {exc}") from exc
+            if "can't allocate memory" in str(exc) or "out of memory" in str(exc):
+                raise MemoryError(
+                    f"decoding this {header.width}x{header.height} .pqm image needs more memory "
+                    f"than this machine has ({exc})"
+                ) from exc
+            raise ValueError(
+                f"corrupt .pqm payload ({exc}): the file is damaged or truncated, or it was "
+                "written by another entropy model whose model id happens to match"
+            ) from exc
+        order, cum, _ = self._schedule(h, w)
+        sent = int(cum[header.stages_sent])
         context = pqm_format.check_context(header)
         if pqm_format.code_check(flat.cpu().numpy()[order[:sent]], context) != header.check:
             raise ValueError(
-                "decoded codes fail the .pqm code check: the file (header or payload) is corrupt, "
-                "or it was encoded on a device/backend whose entropy-model probabilities differ "
-                "from this one"
+                "decoded codes fail the .pqm code check: either the file (header or payload) is "
+                "corrupt, or it was written by another entropy model whose model id happens to "
+                "match (the integer model decodes identically on every machine, so a device or "
+                "library difference cannot cause this)"
             )
-        # Stages not sent: fill stage by stage with the most likely codes given everything
-        # known so far (greedy, deterministic; same schedule as coding).
-        for _, lo, hi in stages[header.stages_sent :]:
-            if hi == lo:
-                continue
-            idx = torch.from_numpy(order[:hi].copy()).to(flat.device)
-            logits = self.entropy_model(
-                flat[idx][None], idx[None], torch.tensor([lo], device=flat.device), (h, w), hi - lo
-            )
-            flat[idx[lo:]] = logits[0].argmax(dim=-1)
         return flat.view(1, h, w, m), (header.height, header.width)
 
     @torch.no_grad()
@@ -303,38 +431,31 @@ class PQMIM(nn.Module):
     def estimate_bits(self, x: torch.Tensor) -> tuple[float, float]:
         """Rate of ``x`` under the coding schedule: ``(ideal_bits, float_bits)``.
 
-        ``ideal_bits``: −Σ log2 of the quantised integer frequencies the coder uses (what an
-        ideal coder spends on the payload); ``float_bits``: the model's float cross-entropy.
+        ``ideal_bits``: −Σ log2 of the integer model's frequencies for the codes (what an ideal
+        coder spends on the payload); ``float_bits``: the float model's cross-entropy of the same
+        codes (their ratio is the cost of integer inference).
         """
-        codes = self.encode_codes(x.to(self._device()))[0]
-        h, w, m = codes.shape
-        order = coding_order(h, w)
-        flat = codes.reshape(h * w, m)
-        ideal = 0.0
-        for _, lo, hi in self._stages(h * w):
-            if hi == lo:
-                continue
-            cdfs = self._stage_cdfs(flat, order, lo, hi, (h, w)).astype(np.int64)
-            sym = flat[torch.from_numpy(order[lo:hi].copy()).to(flat.device)].reshape(-1).cpu()
-            sym = sym.numpy()
-            rows = np.arange(sym.size)
-            freq = cdfs[rows, sym + 1] - cdfs[rows, sym]
-            ideal += float(-np.log2(freq / cdfs[:, -1]).sum())
-        return ideal, self._float_bits(flat, order, (h, w))
+        codes = self.encode_codes(x.to(self._device()))
+        return self.code_bits(codes[0]), float(self.mim_bits(codes)[0])
 
-    def _float_bits(self, flat, order, grid) -> float:
-        total = 0.0
-        for _, lo, hi in self._stages(flat.shape[0]):
-            if hi == lo:
-                continue
-            idx = torch.from_numpy(order[:hi].copy()).to(flat.device)
-            logits = self.entropy_model(
-                flat[idx][None], idx[None], torch.tensor([lo], device=flat.device), grid, hi - lo
-            ).float()
-            logp = torch.log_softmax(logits[0], dim=-1)  # (T, M, K)
-            tgt = flat[idx[lo:]]
-            total += float(-logp.gather(-1, tgt[..., None]).sum() / math.log(2.0))
-        return total
+    @torch.no_grad()
+    def code_bits(self, codes: torch.Tensor) -> float:
+        """Ideal payload bits of codes (h, w, M) under the integer model (−Σ log2 f / 2^24)."""
+
+        class _Tally:
+            bits = 0.0
+
+            def encode_cdfs(self, sym, cdfs):
+                rows = np.arange(sym.size)
+                c = cdfs.astype(np.int64)
+                freq = c[rows, sym + 1] - c[rows, sym]
+                self.bits += float(-np.log2(freq / c[:, -1]).sum())
+
+        h, w, m = codes.shape
+        tally = _Tally()
+        flat = codes.reshape(h * w, m).to(self._device(), torch.int64)
+        self._code((h, w), flat, self.config.stages, tally, decoding=False)
+        return tally.bits
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device

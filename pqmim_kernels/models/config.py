@@ -21,10 +21,11 @@ class PQMIMConfig:
     - ``latent_dim`` D, split into ``num_subspaces`` M sub-vectors of ``D / M`` dims, each snapped
       to one of ``codebook_size`` K codewords: raw rate ``M·log2(K) / 256`` bpp.
     - ``res_blocks``: residual blocks at stride 16 on each side.
-    - ``mim_*``: the entropy model's transformer (width W, depth L, heads, MLP ratio).
-    - ``stages`` S: coding stages (PQMIM.md §4); ``logit_grid``: logits are rounded to multiples
-      of ``1 / logit_grid`` before the float64 softmax, so tiny float differences between runs
-      rarely change the integer CDFs (PQMIM.md §5).
+    - ``mim_*``: the entropy model v2 (:mod:`pqmim_kernels.models.mim`): transformer width W,
+      depth, heads, MLP ratio, attention window radius R (``mim_radius``, window ``(2R+1)^2``
+      tokens), and the sub-code head's residual MLP blocks (``mim_head_depth``) and their width
+      ratio (``mim_head_mlp_ratio``). It codes with integer-exact arithmetic (PQMIM.md §5).
+    - ``stages`` S: coding stages (PQMIM.md §4).
     - ``commitment``: β of the commitment loss.
 
     PQ-VAE architecture (:mod:`pqmim_kernels.models.pqvae`; the defaults are the original
@@ -51,8 +52,10 @@ class PQMIMConfig:
     mim_depth: int = 4
     mim_heads: int = 4
     mim_mlp_ratio: float = 3.0
+    mim_radius: int = 7
+    mim_head_depth: int = 1
+    mim_head_mlp_ratio: float = 2.0
     stages: int = 10
-    logit_grid: int = 64
     commitment: float = 0.25
     # PQ-VAE architecture (defaults = the original design)
     res_blocks_8: int = 0
@@ -98,6 +101,18 @@ class PQMIMConfig:
             raise ValueError(
                 f"PQMIMConfig: mim_width {self.mim_width} must be a multiple of 4 and of "
                 f"mim_heads {self.mim_heads}"
+            )
+        if isinstance(self.mim_radius, bool) or not isinstance(self.mim_radius, int) or not (
+            0 <= self.mim_radius <= 8
+        ):
+            raise ValueError(
+                f"PQMIMConfig: mim_radius must be an int in [0, 8], got {self.mim_radius!r}"
+            )
+        if isinstance(self.mim_head_depth, bool) or not isinstance(self.mim_head_depth, int) or (
+            self.mim_head_depth < 0
+        ):
+            raise ValueError(
+                f"PQMIMConfig: mim_head_depth must be an int >= 0, got {self.mim_head_depth!r}"
             )
 
     @property

@@ -2,13 +2,19 @@
 
 Stage 1 trains the PQ-VAE (MSE + the quantizer's commitment/codebook loss; EMA codebooks, k-means
 init and dead-code restart live in :class:`pqmim_kernels.nn.ProductQuantizer`). Stage 2 freezes
-encoder and quantizer and trains the MIM entropy model on the codes of the training images with
-mask ratios drawn from the coding schedule (:func:`pqmim_kernels.models.mim.mim_bits`).
+encoder and quantizer and trains the MIM entropy model v2 on the codes of the training images: one
+teacher-forced pass per window gives the rate of every token under the real coding schedule of
+the window's grid (:func:`pqmim_kernels.models.mim.mim_bits`), so the loss is the coding rate.
+The last ``qat_fraction`` of stage 2 calibrates the activation ranges and trains with fake
+quantisation (QAT); the model is then exported to the integer entropy model that codes, and the
+integer model's rate is compared with the float model's on held-out images (``int_overhead``).
+``init_from`` takes the PQ-VAE of an existing model file and trains stage 2 only.
 
 Data: random crops (default 256×256) with horizontal flips from a folder of PNG/JPEG images, held
 in memory as uint8. Stage 2 encodes every image (and its mirror) once with the frozen encoder and
-draws random token windows of ``crop / 16`` tokens from those code grids, which is the same
-distribution as encoding 16-aligned crops and costs no conv work per step.
+draws random token windows of ``t × t`` tokens (``t`` in ``[stage2_window_min,
+stage2_window_max]``) from those code grids, which is the same distribution as encoding
+16-aligned crops and costs no conv work per step.
 
 Held-out data (stage 1): every ``holdout_every``-th image of the sorted list is left out of
 training (both stages) and the PQ-VAE's PSNR on those whole images is logged (``val_psnr``) every
@@ -39,7 +45,7 @@ from pqmim_kernels.models.codec import PQMIM, pad_to_multiple
 from pqmim_kernels.models.config import PQMIMConfig
 from pqmim_kernels.models.mim import mim_bits
 
-__all__ = ["TrainConfig", "load_images", "train"]
+__all__ = ["TrainConfig", "load_images", "pqvae_from_file", "train"]
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -75,6 +81,13 @@ class TrainConfig:
     budget_clock: str = "wall"  # "wall" | "cpu": what --stage1-minutes counts (cpu = process)
     stage1_only: bool = False  # stop after stage 1 (checkpoint at stage 2, step 0; no model.pt)
     compile: bool = False  # torch.compile the stage-1 network
+    # -- stage 2 (entropy model) --
+    init_from: str = ""  # a model file whose PQ-VAE is reused: stage 1 is skipped
+    stage2_window_min: int = 12  # training windows are t x t tokens, t drawn from [min, max]
+    stage2_window_max: int = 24
+    qat_fraction: float = 0.2  # last part of stage 2 with fake quantisation (QAT)
+    calib_batches: int = 8  # batches that calibrate the activation ranges before QAT
+    stage2_val_every: int = 500  # held-out bits/token every N stage-2 steps and at the end
 
 
 def load_images(folder: str | os.PathLike, max_images: int = 0) -> list[torch.Tensor]:
@@ -380,8 +393,6 @@ def train(
 
 def _train(cfg: TrainConfig, model_config, images, log, hooks: dict) -> PQMIM:
     """Body of :func:`train`; sets ``hooks["save"]`` once a stage's optimizer exists."""
-    from tqdm.auto import tqdm
-
     from pqmim_kernels.models import load_model, save_model
 
     if cfg.crop < 16 or cfg.crop % 16:
@@ -400,9 +411,17 @@ def _train(cfg: TrainConfig, model_config, images, log, hooks: dict) -> PQMIM:
             {**ckpt["config"], "channels": tuple(ckpt["config"]["channels"])}
         )
     model_config = model_config or PQMIMConfig()
+    vae_state = None
+    if ckpt is None and cfg.init_from:
+        model_config, vae_state = pqvae_from_file(cfg.init_from, model_config)
     torch.manual_seed(cfg.seed)
     model = PQMIM(model_config).to(device)
     state = {"stage": 1, "step": 0, "elapsed": 0.0}
+    if vae_state is not None:
+        model.load_state_dict(vae_state, strict=False)
+        state = {"stage": 2, "step": 0, "elapsed": 0.0}
+        if is_main:
+            log(f"PQ-VAE taken from {cfg.init_from}: training the entropy model (stage 2)")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         state = ckpt["state"]
@@ -412,7 +431,6 @@ def _train(cfg: TrainConfig, model_config, images, log, hooks: dict) -> PQMIM:
         images = load_images(cfg.data, cfg.max_images)
     images, val_images = split_holdout(images, cfg.holdout_every)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * state["step"])
-    autocast = device.type == "cuda"
     logfile = out / "log.jsonl"
 
     def record(entry: dict) -> None:
@@ -434,7 +452,7 @@ def _train(cfg: TrainConfig, model_config, images, log, hooks: dict) -> PQMIM:
                 {
                     "config": cfgd,
                     "model": model.state_dict(),
-                    "opt": opt.state_dict(),
+                    "opt": None if opt is None else opt.state_dict(),
                     "state": dict(state),
                 },
                 str(tmp),
@@ -462,7 +480,7 @@ def _train(cfg: TrainConfig, model_config, images, log, hooks: dict) -> PQMIM:
         _stage1(cfg, model, vae, net, opt, state, images, val_images, gen, device,
                 record, lambda: save_ckpt(opt), is_main)  # fmt: skip
         state.update(stage=2, step=0, elapsed=0.0)
-        save_ckpt(opt)
+        save_ckpt(None)  # stage 2 starts its own optimizer: keep stage 1's out of its resume
         ckpt = None
     if cfg.stage1_only:  # the PQ-VAE alone; a later run without the flag resumes at stage 2
         return model.eval()
@@ -475,16 +493,149 @@ def _train(cfg: TrainConfig, model_config, images, log, hooks: dict) -> PQMIM:
         *model.decoder.parameters(),
     ]:
         p.requires_grad_(False)
-    grids = _code_grids(model, images, device, is_main and cfg.progress)
-    tokens = cfg.crop // 16
     em = model.entropy_model
-    em.train()
-    net = wrap(em)
     opt = torch.optim.AdamW(em.parameters(), lr=cfg.lr2, weight_decay=0.01)
     hooks["save"] = lambda: save_ckpt(opt)
-    if ckpt is not None and ckpt["state"]["stage"] >= 2:
+    if ckpt is not None and ckpt["state"]["stage"] >= 2 and ckpt.get("opt"):
         opt.load_state_dict(ckpt["opt"])
-    t0 = time.time() - state["elapsed"]
+    # stage 3 = stage 2 done; a larger stage-2 budget on a later run extends it
+    if state["stage"] in (2, 3) and _stage2_progress(cfg, state) < 1.0:
+        state["stage"] = 2
+        grids = _code_grids(model, images, device, is_main and cfg.progress)
+        val_grids = _code_grids(model, val_images, device, False, mirror=False)
+        _stage2(cfg, model, wrap(em), opt, state, grids, val_grids, gen, device, record,
+                lambda: save_ckpt(opt), is_main)  # fmt: skip
+        state["stage"] = 3
+        save_ckpt(opt)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if not bool((em.qat_scales > 0).all()):  # qat_fraction = 0: calibrate before the export
+        em.calibrate(_calibration_batches(cfg, model, _code_grids(model, images[:32], device,
+                                                                   False), gen))  # fmt: skip
+    model.export_entropy_model()
+    if is_main:
+        summary = _int_overhead(model, val_images or images[:8], device)
+        record({"stage": 3, "step": state["step"], **summary})
+        save_model(model, out / "model.pt", extra={"train": dataclasses.asdict(cfg), **summary})
+    if world > 1:
+        torch.distributed.barrier()
+    # Reload what was written: the file stores fp16 weights, and the returned model must have
+    # the same weights (and model id) as every later load of the file.
+    return load_model(str(out / "model.pt"), device=str(device))
+
+
+_PQVAE_PREFIXES = ("encoder.", "quantizer.", "decoder.")
+
+
+def pqvae_from_file(path, model_config: PQMIMConfig) -> tuple[PQMIMConfig, dict]:
+    """The PQ-VAE of a model file (written by :func:`pqmim_kernels.models.save_model`, any
+    version, also one whose entropy model this release cannot code with): returns the config
+    (the file's PQ-VAE fields, ``model_config``'s entropy-model fields) and the encoder,
+    quantizer and decoder tensors (fp32). Raises FileNotFoundError / ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"train: init_from file {path} does not exist")
+    try:
+        blob = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"train: {path} is not a PQ-MIM model file ({exc})") from exc
+    if not isinstance(blob, dict) or blob.get("kind") != "pqmim-model":
+        raise ValueError(f"train: {path} is not a PQ-MIM model file")
+    known = {f.name for f in dataclasses.fields(PQMIMConfig)}
+    mine = dataclasses.asdict(model_config)
+    theirs = {k: v for k, v in blob["config"].items() if k in known}
+    merged = {
+        k: (mine[k] if k.startswith("mim_") or k == "stages" else theirs.get(k, mine[k]))
+        for k in known
+    }
+    merged["channels"] = tuple(merged["channels"])
+    state = {
+        k: (v.float() if v.is_floating_point() else v)
+        for k, v in blob["state_dict"].items()
+        if k.startswith(_PQVAE_PREFIXES)
+    }
+    if not state:
+        raise ValueError(f"train: {path} holds no PQ-VAE weights")
+    return PQMIMConfig.from_dict(merged), state
+
+
+def _stage2_progress(cfg: TrainConfig, state: dict) -> float:
+    """Fraction of the stage-2 budget spent (steps, or minutes of the budget clock)."""
+    return max(
+        state["step"] / max(1, cfg.stage2_steps),
+        state["elapsed"] / (60 * cfg.stage2_minutes) if cfg.stage2_minutes else 0.0,
+    )
+
+
+def _window_size(cfg: TrainConfig, grids, gen: torch.Generator) -> int:
+    lo, hi = cfg.stage2_window_min, max(cfg.stage2_window_min, cfg.stage2_window_max)
+    return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+
+def _calibration_batches(cfg: TrainConfig, model: PQMIM, grids, gen) -> list:
+    from pqmim_kernels.models.mim import stage_grid
+
+    out = []
+    for _ in range(max(1, cfg.calib_batches)):
+        t = _window_size(cfg, grids, gen)
+        codes = _random_windows(grids, t, cfg.stage2_batch_size or cfg.batch_size, gen)
+        h, w = codes.shape[1:3]
+        out.append((codes.to(model._device()), stage_grid(h, w, model.config.stages)))
+    return out
+
+
+@torch.no_grad()
+def _val_bits(model: PQMIM, val_grids) -> float | None:
+    """Float-model bits per token on the held-out code grids (whole grids, coding schedule)."""
+    if not val_grids:
+        return None
+    was = model.entropy_model.training
+    model.entropy_model.eval()
+    bits, tokens = 0.0, 0
+    try:
+        for g in val_grids:
+            codes = g[None].long().to(model._device())
+            bits += float(model.mim_bits(codes)[0])
+            tokens += g.shape[0] * g.shape[1]
+    finally:
+        model.entropy_model.train(was)
+    return bits / tokens
+
+
+@torch.no_grad()
+def _int_overhead(model: PQMIM, images, device) -> dict:
+    """Integer vs float entropy model on the same codes of whole held-out images: total ideal
+    bits of the integer model's frequencies, the float (QAT) model's cross-entropy, their
+    ratio - 1 (``int_overhead``) and both per token."""
+    int_bits, float_bits, tokens = 0.0, 0.0, 0
+    for img in images:
+        x = pad_to_multiple(img[None].float().div(255.0)).to(device)
+        codes = model.encode_codes(x)
+        int_bits += model.code_bits(codes[0])
+        float_bits += float(model.mim_bits(codes)[0])
+        tokens += codes.shape[1] * codes.shape[2]
+    return {
+        "int_bits_per_token": int_bits / tokens,
+        "float_bits_per_token": float_bits / tokens,
+        "int_overhead": int_bits / float_bits - 1.0,
+        "raw_bits_per_token": model.config.num_subspaces * math.log2(model.config.codebook_size),
+        "overhead_images": len(images),
+    }
+
+
+def _stage2(cfg, model, net, opt, state, grids, val_grids, gen, device, record, save,
+            is_main) -> None:  # fmt: skip
+    """The stage-2 loop (entropy model): teacher-forced rate of random code windows under the
+    coding schedule; calibration + QAT for the last ``qat_fraction``; held-out bits/token."""
+    from tqdm.auto import tqdm
+
+    em = model.entropy_model
+    em.train()
+    # the budget counts wall time, or this process's CPU time (budget_clock="cpu": what a run
+    # sharing a busy machine can rely on); elapsed is stored in the clock's seconds
+    clock = time.process_time if cfg.budget_clock == "cpu" else time.time
+    t0 = clock() - state["elapsed"]
     bar = tqdm(
         total=cfg.stage2_steps,
         initial=state["step"],
@@ -492,20 +643,32 @@ def _train(cfg: TrainConfig, model_config, images, log, hooks: dict) -> PQMIM:
         disable=not (is_main and cfg.progress),
     )
     acc = {"bits": 0.0, "n": 0}
+
+    def validate() -> None:
+        v = _val_bits(model, val_grids)
+        if v is not None:
+            record({"stage": 2, "step": state["step"], "val_bits_per_token": v,
+                    "qat": bool(em.qat_enabled)})  # fmt: skip
+
     while True:
-        elapsed = time.time() - t0
-        progress = max(
-            state["step"] / max(1, cfg.stage2_steps),
-            elapsed / (60 * cfg.stage2_minutes) if cfg.stage2_minutes else 0.0,
-        )
+        state["elapsed"] = clock() - t0
+        progress = _stage2_progress(cfg, state)
         if progress >= 1.0:
             break
+        if cfg.qat_fraction > 0 and not bool(em.qat_enabled) and progress >= 1 - cfg.qat_fraction:
+            validate()
+            em.calibrate(_calibration_batches(cfg, model, grids, gen))
+            em.set_qat(True)
+            record({"stage": 2, "step": state["step"], "event": "qat_on"})
         for g in opt.param_groups:
             g["lr"] = cfg.lr2 * _lr_factor(progress, state["step"], cfg.warmup)
-        codes = _random_windows(grids, tokens, cfg.stage2_batch_size or cfg.batch_size, gen)
+        t = _window_size(cfg, grids, gen)
+        codes = _random_windows(grids, t, cfg.stage2_batch_size or cfg.batch_size, gen)
         codes = codes.to(device)
+        # bf16 autocast on CUDA, but not under QAT: the rounding points need fp32
+        autocast = device.type == "cuda" and not bool(em.qat_enabled)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            bits = mim_bits(net, codes, model.config.stages, gen)
+            bits = mim_bits(net, codes, model.config.stages)
         # mean bits per token: the loss is the coding rate the schedule will pay
         loss = bits.float().mean() / (codes.shape[1] * codes.shape[2])
         opt.zero_grad(set_to_none=True)
@@ -513,7 +676,7 @@ def _train(cfg: TrainConfig, model_config, images, log, hooks: dict) -> PQMIM:
         nn.utils.clip_grad_norm_(em.parameters(), 1.0)
         opt.step()
         state["step"] += 1
-        state["elapsed"] = time.time() - t0
+        state["elapsed"] = clock() - t0
         acc["bits"] += float(loss.detach())
         acc["n"] += 1
         bar.update(1)
@@ -528,34 +691,29 @@ def _train(cfg: TrainConfig, model_config, images, log, hooks: dict) -> PQMIM:
                 "raw_bpp": model.config.raw_bpp,
                 "lr": opt.param_groups[0]["lr"],
             }
-            bar.set_postfix(bpp=f"{entry['bpp']:.4f}")
+            bar.set_postfix(bpt=f"{bpt:.2f}")
             record(entry)
             acc = {"bits": 0.0, "n": 0}
+        if cfg.stage2_val_every and state["step"] % cfg.stage2_val_every == 0:
+            t_val = clock()
+            validate()
+            t0 += clock() - t_val  # validation is outside the time budget
         if state["step"] % cfg.ckpt_every == 0:
-            save_ckpt(opt)
+            save()
     bar.close()
-    state.update(stage=3)
-    save_ckpt(opt)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    if is_main:
-        save_model(model, out / "model.pt", extra={"train": dataclasses.asdict(cfg)})
-    if world > 1:
-        torch.distributed.barrier()
-    # Reload what was written: the file stores fp16 weights, and the returned model must have
-    # the same weights (and model id) as every later load of the file.
-    return load_model(str(out / "model.pt"), device=str(device))
+    validate()
 
 
 @torch.no_grad()
-def _code_grids(model: PQMIM, images, device, progress: bool) -> list[torch.Tensor]:
-    """Codes (h, w, M) int16 of every image and of its mirror, on the CPU."""
+def _code_grids(
+    model: PQMIM, images, device, progress: bool, mirror: bool = True
+) -> list[torch.Tensor]:
+    """Codes (h, w, M) int16 of every image (and of its mirror), on the CPU."""
     from tqdm.auto import tqdm
 
     grids = []
     for img in tqdm(images, desc="encoding codes", disable=not progress):
-        for flip in (False, True):
+        for flip in (False, True) if mirror else (False,):
             x = img.flip(-1) if flip else img
             x = pad_to_multiple(x[None].float().div(255.0)).to(device)
             grids.append(model.encode_codes(x)[0].to("cpu", torch.int16))

@@ -1,13 +1,21 @@
-"""Regenerate the golden .pqm files (md5 of the bytes) -- only on purpose, when the bitstream
-format or the bundled model changes:
+"""Regenerate the golden files -- only on purpose (a deliberate format or bundled-model change):
 
-    .venv/bin/python tests/golden/make_golden.py            # rewrite tests/golden/golden.json
+    .venv/bin/python tests/golden/make_golden.py            # rewrite every case's files
     .venv/bin/python tests/golden/make_golden.py --model    # also re-create tiny_model.pt
 
-Cases: the container alone on fixed integer CDFs (platform independent), a tiny stored model on
-three synthetic images, and the bundled default model on the bundled sample image. The model
-cases depend on float results of the CPU path (conv + transformer); they are pinned for the CPU
-backend of this repository's supported torch versions.
+Cases, each stored as ``<name>.pqm`` (the file), ``<name>.codes.npy`` (its codes, uint16
+(h, w, M)) and ``<name>.png`` (its decoded image), with sizes and md5s in ``golden.json``:
+
+- ``container``: fixed integer CDFs through the header and the coder (no model; md5 only);
+- ``tiny_{h}x{w}``: a tiny stored model (random weights, integer entropy model exported from
+  them) on synthetic images;
+- ``default_sample``: the bundled default model on the bundled sample image.
+
+What is pinned, and why (docs/PQM_FORMAT.md, "Determinism"): codes <-> ``.pqm`` bytes are exact
+on every machine (the integer entropy model), so the tests require ``compress_codes(codes) ==
+file`` and ``decompress_codes(file) == codes`` bit for bit. The float parts are not: image ->
+codes (conv encoder + argmin, near ties may flip) is not pinned at all, and codes -> image (conv
+decoder) is compared with the stored image within a tolerance.
 """
 
 from __future__ import annotations
@@ -25,19 +33,24 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from pqmim_kernels.coding import RansEncoder, quantize_probs  # noqa: E402
 from pqmim_kernels.coding import pqm_format as fmt  # noqa: E402
-from pqmim_kernels.models import (  # noqa: E402
-    PQMIM,
-    PQMIMConfig,
-    compress_image,
-    decompress_image,
-    load_model,
-    save_model,
-)
+from pqmim_kernels.models import PQMIM, PQMIMConfig, load_model, save_model  # noqa: E402
+from pqmim_kernels.models.mim import stage_grid  # noqa: E402
 
 TINY_MODEL = HERE / "tiny_model.pt"
 GOLDEN = HERE / "golden.json"
 SAMPLE = HERE.parents[1] / "pqmim_kernels" / "data" / "sample.png"
 SIZES = [(1, 1), (17, 33), (64, 80)]
+TINY_CONFIG = PQMIMConfig(
+    channels=(8, 8, 8, 8),
+    latent_dim=8,
+    num_subspaces=2,
+    codebook_size=16,
+    mim_width=16,
+    mim_depth=1,
+    mim_heads=2,
+    mim_radius=2,
+    stages=6,
+)
 
 
 def synthetic_image(h: int, w: int) -> np.ndarray:
@@ -63,42 +76,53 @@ def container_bytes() -> bytes:
 
 
 def make_tiny_model() -> None:
+    """A tiny model with random weights; its entropy model calibrated on random codes and
+    exported (the stored integers are what every machine decodes with)."""
     torch.manual_seed(0)
-    cfg = PQMIMConfig(
-        channels=(8, 8, 8, 8),
-        latent_dim=8,
-        num_subspaces=2,
-        codebook_size=16,
-        mim_width=16,
-        mim_depth=1,
-        mim_heads=2,
-        stages=6,
-    )
-    model = PQMIM(cfg).train()
+    model = PQMIM(TINY_CONFIG).train()
     with torch.no_grad():
         x = torch.from_numpy(synthetic_image(64, 64)).permute(2, 0, 1)[None].float() / 255
         model.quantize(model.encode_latent(x.expand(4, 3, 64, 64)))
-    save_model(model.eval(), TINY_MODEL)
+        em = model.entropy_model
+        codes = torch.randint(0, TINY_CONFIG.codebook_size, (4, 8, 8, TINY_CONFIG.num_subspaces))
+        em.calibrate([(codes, stage_grid(8, 8, TINY_CONFIG.stages))])
+    model.eval().export_entropy_model()
+    save_model(model, TINY_MODEL)
 
 
 def md5(b: bytes) -> str:
     return hashlib.md5(b).hexdigest()
 
 
-def compute() -> dict:
-    out = {"container": md5(container_bytes())}
-    tiny = load_model(str(TINY_MODEL))
-    for h, w in SIZES:
-        data = compress_image(synthetic_image(h, w), tiny)
-        out[f"tiny_{h}x{w}"] = md5(data)
-        out[f"tiny_{h}x{w}_decoded"] = md5(decompress_image(data, tiny).tobytes())
+def cases() -> list[tuple[str, str, np.ndarray]]:
+    """``(name, model path, image)`` of every model case (the default when bundled)."""
     from pqmim_kernels.cli.codec import read_image
     from pqmim_kernels.models import DEFAULT_MODEL_PATH
 
+    out = [(f"tiny_{h}x{w}", str(TINY_MODEL), synthetic_image(h, w)) for h, w in SIZES]
     if DEFAULT_MODEL_PATH.is_file():
-        data = compress_image(read_image(SAMPLE), load_model("default"))
-        out["default_sample"] = md5(data)
-        out["default_sample_bytes"] = len(data)
+        out.append(("default_sample", str(DEFAULT_MODEL_PATH), read_image(SAMPLE)))
+    return out
+
+
+def write_case(name: str, model: PQMIM, img: np.ndarray) -> dict:
+    from PIL import Image
+
+    from pqmim_kernels.models import compress_image, decompress_image
+
+    data = compress_image(img, model)
+    codes, size = model.decompress_codes(data)
+    decoded = decompress_image(data, model)
+    (HERE / f"{name}.pqm").write_bytes(data)
+    np.save(HERE / f"{name}.codes.npy", codes[0].cpu().numpy().astype(np.uint16))
+    Image.fromarray(decoded, "RGB").save(HERE / f"{name}.png")
+    return {"size": list(size), "bytes": len(data), "md5": md5(data)}
+
+
+def compute() -> dict:
+    out = {"container": md5(container_bytes()), "cases": {}}
+    for name, path, img in cases():
+        out["cases"][name] = write_case(name, load_model(path), img)
     return out
 
 
