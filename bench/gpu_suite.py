@@ -45,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("install", "env", "tests", "autotune", "bench_pq", "bench_attn")
 # Seconds each step may take at most (the overall budget caps them further).
-CAPS = {"install": 120, "env": 30, "tests": 170, "autotune": 60, "bench_pq": 75, "bench_attn": 110}
+CAPS = {"install": 100, "env": 30, "tests": 200, "autotune": 60, "bench_pq": 75, "bench_attn": 110}
 CUDA_TESTS = (
     "tests/test_pq_assign_cuda.py",
     "tests/test_masked_attention_cuda.py",
@@ -259,8 +259,8 @@ def step_tests(s: Suite) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-m", "", "-p", "no:cacheprovider"]
     cmd += list(CUDA_TESTS)
     cmd += ["--junitxml", str(xml), "-o", "junit_family=xunit1"]
-    if _has("xdist"):
-        cmd += ["-n", str(max(2, min(8, (os.cpu_count() or 2) // 2)))]
+    if _has("xdist"):  # the tests are bound by compiling (one ptxas per kernel variant)
+        cmd += ["-n", str(max(2, min(12, (os.cpu_count() or 4) - 2)))]
     if _has("pytest_timeout"):
         cmd += ["--timeout", "240"]
     rec = s.run("tests", cmd, CAPS["tests"])
