@@ -32,14 +32,17 @@ Numerics (the same choice as the eager spec, :mod:`pqmim_kernels.reference.pq`):
   so it is accurate relative to itself (the expanded score is not, for small distances).
 - d is padded to a power of two ≥ 16 (``tl.dot`` needs K-dim ≥ 16) with masked loads of zeros,
   which change neither dots nor norms; K is masked to +inf scores past the end.
+- Long sub-vectors: up to BLOCK_D = 64 (16-bit), 32 (tf32x3) or 16 (ieee) the z tile stays in
+  registers for the whole K loop (``D_CHUNK == BLOCK_D``); beyond, each K tile is a small matmul
+  over d in D_CHUNK slices with z re-read from cache, so no operand outgrows the registers.
 
 Launch configs: autotuned on the GPU, keyed on the compile-time shape and a power-of-two
 bucket of N·M (the grid size, so one small first call does not fix the tiling for every later
 size); the candidates are pruned to those that fit the device's shared memory and registers
 (:mod:`pqmim_kernels.ops._launch`). ``pinned=True`` launches one fixed tiling per (BLOCK_D,
-operand width) instead, so results depend only on the inputs, the GPU model and the Triton
-version. Under the Triton interpreter (CPU tests) one small tiling runs and bf16 operands are
-upcast (the interpreter's bf16 ``tl.dot`` is wrong).
+operand width) instead (only its pipeline depth adapts to the device), so results depend only
+on the inputs, the GPU model and the Triton version. Under the Triton interpreter (CPU tests)
+one small tiling runs and bf16 operands are upcast (the interpreter's bf16 ``tl.dot`` is wrong).
 """
 
 from __future__ import annotations
