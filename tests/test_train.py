@@ -274,3 +274,21 @@ def test_init_run_then_resume_keeps_the_seeded_architecture(tmp_path, data_dir):
     model = train(_cfg(tmp_path, data_dir, stage1_steps=2, stage1_only=True), TINY)
     assert model.config == wide
     assert [e["step"] for e in _log(tmp_path) if "psnr" in e] == [1, 2]
+
+
+def test_kmeans_switch_on_keeps_one_batch_of_ema_counts():
+    from pqmim_kernels.models import PQMIM
+    from pqmim_kernels.models.train import _VAE, _kmeans_switch_on
+
+    torch.manual_seed(0)
+    model = PQMIM(TINY).train()
+    imgs = [torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8) for _ in range(3)]
+    cfg = TrainConfig(crop=64, batch_size=4, kmeans_batches=4)
+    _kmeans_switch_on(model, _VAE(model), cfg, imgs, torch.Generator().manual_seed(0), "cpu")
+    q = model.quantizer
+    assert bool(q.initted)
+    per_batch = 4 * (64 // 16) ** 2  # tokens of one batch
+    # k-means over 4 batches, counts back at one batch's scale; dead-code re-seeds (count =
+    # threshold, then / 4) can move each sub-space's total by at most K * threshold / 4
+    slack = TINY.codebook_size * q.threshold_ema_dead_code / 4
+    assert torch.all((q.cluster_size.sum(-1) - per_batch).abs() <= slack)

@@ -5,6 +5,8 @@ throughput, and equal-CPU-time stage-1 runs scored on held-out images (never Kod
     python tools/pqvae_arch.py decode-time [NAMES...]       # g_s on 768x512, 1 and 2 threads
     python tools/pqvae_arch.py throughput [NAMES...]        # stage-1 steps/s, 1 thread
     python tools/pqvae_arch.py compare NAME --minutes 25    # stage 1 on one CPU-thread budget
+    python tools/pqvae_arch.py summarize runs/cmp-*          # held-out PSNR curves of runs
+    python tools/pqvae_arch.py plot runs/cmp-* --out results/training/curves.png
     python tools/pqvae_arch.py init NAME --out runs/x       # seed a run for `pqmim train`
 
 Every run sets one intra-op thread (``torch.set_num_threads(1)``) unless told otherwise. Results
@@ -170,8 +172,8 @@ def cmd_throughput(args) -> None:
 
 def cmd_compare(args) -> None:
     """Stage 1 of one candidate on a CPU-time budget (process CPU seconds, so other jobs on the
-    machine do not change the result), scored on the held-out images every --val-every steps;
-    stage 2 runs one token step (it is trained later)."""
+    machine do not change the result), scored on the held-out images every --val-every steps
+    (stage 1 only: the entropy model is trained later)."""
     import torch
 
     from pqmim_kernels.models.train import TrainConfig, train
@@ -185,7 +187,7 @@ def cmd_compare(args) -> None:
         batch_size=args.batch,
         stage1_steps=10**9,
         stage1_minutes=args.minutes,
-        stage2_steps=1,
+        stage1_only=True,
         log_every=25,
         ckpt_every=100,
         val_every=args.val_every,
@@ -198,17 +200,71 @@ def cmd_compare(args) -> None:
     cfg = TrainConfig(**tc)
     t = time.time()
     train(cfg, mc)
-    log = [json.loads(x) for x in open(Path(cfg.out) / "log.jsonl")]
-    val = [e for e in log if "val_psnr" in e]
-    _emit(
-        "compare",
-        {"name": args.name + args.tag, "minutes_cpu": args.minutes, "batch": args.batch,
-         "crop": args.crop, "steps": max(e["step"] for e in log if e["stage"] == 1),
-         "val_psnr": val[-1]["val_psnr"] if val else None,
-         "val_curve": [(e["cpu_s"], round(e["val_psnr"], 3)) for e in val],
-         "wall_s": round(time.time() - t), "model": dataclasses.asdict(mc),
-         "train": CANDIDATES[args.name][1], "out": cfg.out},
-    )  # fmt: skip
+    row = summarize(Path(cfg.out), args.name + args.tag)
+    row.update(
+        wall_s=round(time.time() - t),
+        minutes_cpu=args.minutes,
+        batch=args.batch,
+        crop=args.crop,
+        train=CANDIDATES[args.name][1],
+        model=dataclasses.asdict(mc),
+    )
+    _emit("compare", row)
+
+
+def summarize(out: Path, name: str) -> dict:
+    """The held-out PSNR curve of a run folder's stage 1: ``val_curve`` = [(CPU s, dB)]."""
+    log = [json.loads(x) for x in open(out / "log.jsonl")]
+    s1 = [e for e in log if e["stage"] == 1]
+    val = [e for e in s1 if "val_psnr" in e]
+    return {
+        "name": name,
+        "steps": max(e["step"] for e in s1),
+        "val_psnr": val[-1]["val_psnr"] if val else None,
+        "val_psnr_mean": val[-1]["val_psnr_mean"] if val else None,
+        "val_curve": [(e["cpu_s"], round(e["val_psnr"], 3)) for e in val],
+        "out": str(out),
+    }
+
+
+def cmd_plot(args) -> None:
+    """Held-out PSNR (solid) and training-crop PSNR (faint) vs stage-1 CPU hours, one line per
+    run folder, to ``--out``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    colors = plt.get_cmap("tab10").colors
+    for i, d in enumerate(args.dirs):
+        log = [json.loads(x) for x in open(Path(d) / "log.jsonl")]
+        s1 = [e for e in log if e["stage"] == 1 and "cpu_s" in e]
+        tr = [e for e in s1 if "psnr" in e and e.get("pq", True)]
+        val = [e for e in s1 if "val_psnr" in e]
+        c = colors[i % len(colors)]
+        name = Path(d).name
+        ax.plot([e["cpu_s"] / 3600 for e in tr], [e["psnr"] for e in tr], color=c, alpha=0.25)
+        ax.plot(
+            [e["cpu_s"] / 3600 for e in val],
+            [e["val_psnr"] for e in val],
+            color=c,
+            marker="o",
+            markersize=3,
+            label=f"{name} (held-out)",
+        )
+    ax.set_xlabel("stage-1 CPU hours (1 thread)")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title("PQ-VAE, M=8 K=256: held-out photos (solid) and training crops (faint)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+def cmd_summarize(args) -> None:
+    for d in args.dirs:
+        print(json.dumps(summarize(Path(d), Path(d).name)))
 
 
 def cmd_init(args) -> None:
@@ -246,6 +302,13 @@ def main(argv=None) -> int:
     c.add_argument("--channels-last", action="store_true")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_compare)
+    m = sub.add_parser("summarize", help="held-out PSNR curves of run folders")
+    m.add_argument("dirs", nargs="+")
+    m.set_defaults(func=cmd_summarize)
+    q = sub.add_parser("plot", help="PSNR vs CPU hours of run folders")
+    q.add_argument("dirs", nargs="+")
+    q.add_argument("--out", default=str(RESULTS / "curves.png"))
+    q.set_defaults(func=cmd_plot)
     i = sub.add_parser("init")
     i.add_argument("name")
     i.add_argument("--out", required=True)
