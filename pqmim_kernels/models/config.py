@@ -58,10 +58,10 @@ class PQMIMConfig:
     stages: int = 10
     commitment: float = 0.25
     # PQ-VAE architecture (defaults = the original design)
-    res_blocks_8: int = 0
-    attention_blocks: int = 0
-    stem: str = "conv"
-    latent_norm: str = "layer"
+    res_blocks_8: int = 0  # residual blocks at stride 8 on each side
+    attention_blocks: int = 0  # self-attention blocks at stride 16 on each side
+    stem: str = "conv"  # full-resolution layer: "conv" (5x5 stride 2) | "unshuffle"
+    latent_norm: str = "layer"  # latent normalisation: "layer" (LayerNorm) | "l2" (sub-space)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
