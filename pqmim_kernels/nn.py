@@ -298,6 +298,10 @@ class ProductQuantizer(nn.Module):
         self.return_zeros_for_masked_padding = bool(return_zeros_for_masked_padding)
         self.sync_distributed = sync_distributed
         self.backend = backend
+        # Pinned (non-autotuned) Triton launches for the assignment: the same codes for the same
+        # inputs on a given GPU and Triton, whatever tiling autotuning would pick (the codec's
+        # encoder sets it; training keeps the autotuned launches).
+        self.pinned = False
         # VectorQuantize with one head returns indices without the head axis.
         self._drop_head_axis = vq_form and m == 1
 
@@ -357,13 +361,15 @@ class ProductQuantizer(nn.Module):
         tokens = self._to_tokens(x)
         valid = self._valid_tokens(tokens, mask, lens)
         freeze = self.freeze_codebook if freeze_codebook is None else bool(freeze_codebook)
-        codes = F_pq.pq_assign(tokens, self.embed, backend=self.backend)
+        codes = F_pq.pq_assign(tokens, self.embed, backend=self.backend, pinned=self.pinned)
         used = tokens if valid is None else tokens[valid]  # (..., D): the valid tokens
         with torch.no_grad():
             if self.training and (used.shape[0] > 0 or self._distributed()):
                 if not bool(self.initted):
                     self._kmeans_init(used)
-                    codes = F_pq.pq_assign(tokens, self.embed, backend=self.backend)
+                    codes = F_pq.pq_assign(
+                        tokens, self.embed, backend=self.backend, pinned=self.pinned
+                    )
                 used_codes = codes if valid is None else codes[valid]
                 if freeze:
                     self.last_counts.copy_(self._counts(used_codes))

@@ -34,11 +34,11 @@ def test_pack_unpack_round_trip_and_size():
     h = _header()
     data = fmt.pack(h, b"payload")
     assert data[:2] == fmt.MAGIC
-    assert len(data) == 2 + 1 + 2 + 2 + 2 + 2 + len(b"payload")  # 11-byte header for Kodak
+    assert len(data) == 2 + 1 + 2 + 2 + 2 + 3 + len(b"payload")  # 12-byte header for Kodak
     got, payload = fmt.unpack(data)
     assert got == h and payload == b"payload"
     tiny = fmt.pack(_header(height=1, width=16, stages_sent=1, check=0), b"")
-    assert len(tiny) == 9
+    assert len(tiny) == 10
     assert fmt.unpack(tiny) == (_header(height=1, width=16, stages_sent=1, check=0), b"")
 
 
@@ -49,8 +49,8 @@ def test_pack_rejects_bad_fields():
         fmt.pack(_header(stages_sent=17), b"")
     with pytest.raises(ValueError, match="height must be in"):
         fmt.pack(_header(height=0), b"")
-    with pytest.raises(ValueError, match="check must fit 16 bits"):
-        fmt.pack(_header(check=1 << 16), b"")
+    with pytest.raises(ValueError, match="check must fit 24 bits"):
+        fmt.pack(_header(check=1 << 24), b"")
     with pytest.raises(TypeError, match="pqm payload must be bytes"):
         fmt.pack(_header(), "text")
 
@@ -89,15 +89,15 @@ def test_unpack_errors():
 def test_code_check_sensitivity():
     codes = np.arange(600, dtype=np.int64).reshape(100, 6) % 256
     c = fmt.code_check(codes)
-    assert 0 <= c < 65536
+    assert 0 <= c < 1 << 24
     assert fmt.code_check(codes.copy()) == c
     flipped = codes.copy()
     flipped[37, 2] ^= 1
     assert fmt.code_check(flipped) != c
-    # known value: CRC-32 of the little-endian uint16 bytes, low 16 bits
+    # known value: CRC-32 of the little-endian uint16 bytes, low 24 bits
     import zlib
 
-    assert c == zlib.crc32(codes.astype("<u2").tobytes()) & 0xFFFF
+    assert c == zlib.crc32(codes.astype("<u2").tobytes()) & 0xFFFFFF
 
 
 def test_check_covers_the_header_bytes():
@@ -106,10 +106,10 @@ def test_check_covers_the_header_bytes():
     h = _header(check=0)
     ctx = fmt.check_context(h)
     packed = fmt.pack(h, b"payload")
-    assert packed.startswith(ctx) and len(ctx) == len(packed) - 2 - len(b"payload")
+    assert packed.startswith(ctx) and len(ctx) == len(packed) - 3 - len(b"payload")
     assert ctx[2] >> 4 == fmt.FORMAT_VERSION == 3
     codes = np.arange(24, dtype=np.int64).reshape(4, 6)
-    want = zlib.crc32(ctx + codes.astype("<u2").tobytes()) & 0xFFFF
+    want = zlib.crc32(ctx + codes.astype("<u2").tobytes()) & 0xFFFFFF
     assert fmt.code_check(codes, ctx) == want
     # every header field changes the check, for the same codes
     for kw in ({"width": 767}, {"height": 511}, {"stages_sent": 9}, {"model_id": b"\x12\x35"}):

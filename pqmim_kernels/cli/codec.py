@@ -294,12 +294,12 @@ def _load(args):
 
 
 def _min_file_bytes(height: int, width: int, first_stage_tokens: int) -> int:
-    """Fewest bytes any one-stage ``.pqm`` file of this size can have: the header, plus the rANS
-    stream's framing (1 byte + one 5-byte final state) when stage 1 holds a token."""
+    """Fewest bytes any one-stage ``.pqm`` file of this size can have: its header (the payload's
+    compact rANS framing can be empty; ``first_stage_tokens`` is kept for callers)."""
     from pqmim_kernels.coding import pqm_format
 
     header = pqm_format.PqmHeader(b"\0\0", height, width, 1, check=0)
-    return len(pqm_format.check_context(header)) + 2 + (6 if first_stage_tokens else 0)
+    return len(pqm_format.pack(header, b""))
 
 
 def _existing_input(name: str, what: str) -> Path:

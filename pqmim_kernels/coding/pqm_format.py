@@ -9,7 +9,7 @@ the written spec is ``docs/PQM_FORMAT.md``::
     3       2     model id: first 2 bytes of the model's sha256 fingerprint
     5       1-5   varint height  (pixels, >= 1)
     .       1-5   varint width   (pixels, >= 1)
-    .       2     check: CRC-32 of the header bytes before it + the coded token codes, low 16 bits
+    .       3     check: CRC-32 of the header bytes before it + the coded token codes, low 24 bits
     .       ...   rANS payload (rest of the file)
 
 The check covers the header fields too (format version 2): a flipped bit in the image size that
@@ -27,6 +27,7 @@ import zlib
 import numpy as np
 
 __all__ = [
+    "CHECK_BYTES",
     "FORMAT_VERSION",
     "MAGIC",
     "MAX_DIM",
@@ -47,6 +48,11 @@ _WRITTEN_BY = {
     2: "pqmim-kernels 0.1 (entropy model v1, float probabilities)",
 }
 MAX_DIM = 1 << 20  # 1 Mpx per side: far beyond any real use, keeps allocations bounded
+# The code check: 24 bits since format 3 (16 before). The payload's compact rANS framing carries
+# no check value of its own, so this check is what catches a damaged payload: at 24 bits a
+# corrupt file that decodes at all passes it with probability 2^-24.
+CHECK_BYTES = 3
+CHECK_MASK = (1 << (8 * CHECK_BYTES)) - 1
 _MAX_VARINT_BYTES = 5
 
 
@@ -55,7 +61,7 @@ class PqmHeader:
     """Decoded header fields.
 
     ``model_id``: 2 bytes; ``height``/``width``: image size in pixels; ``stages_sent``: number of
-    coding stages in the payload (1..16); ``check``: 16-bit check over the coded codes.
+    coding stages in the payload (1..16); ``check``: 24-bit check over the coded codes.
     """
 
     model_id: bytes
@@ -97,14 +103,14 @@ def read_varint(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def code_check(codes, context: bytes = b"") -> int:
-    """16-bit check: low 16 bits of the CRC-32 of ``context`` followed by the codes as
+    """24-bit check: low 24 bits of the CRC-32 of ``context`` followed by the codes as
     little-endian uint16 in the given order.
 
     ``codes``: integer array (any shape, values < 65536). ``context``: the header bytes the check
     also covers (:func:`check_context`; empty for a check over the codes alone).
     """
     arr = np.ascontiguousarray(np.asarray(codes), dtype="<u2")
-    return zlib.crc32(arr.tobytes(), zlib.crc32(bytes(context))) & 0xFFFF
+    return zlib.crc32(arr.tobytes(), zlib.crc32(bytes(context))) & CHECK_MASK
 
 
 def check_context(header: PqmHeader) -> bytes:
@@ -136,11 +142,12 @@ def _check_fields(header: PqmHeader) -> None:
 def pack(header: PqmHeader, payload: bytes) -> bytes:
     """Serialise ``header`` and the rANS ``payload`` into the bytes of a ``.pqm`` file."""
     _check_fields(header)
-    if not 0 <= header.check <= 0xFFFF:
-        raise ValueError(f"pqm header: check must fit 16 bits, got {header.check}")
+    if not 0 <= header.check <= CHECK_MASK:
+        raise ValueError(f"pqm header: check must fit {8 * CHECK_BYTES} bits, got {header.check}")
     if not isinstance(payload, (bytes, bytearray)):
         raise TypeError(f"pqm payload must be bytes, got {type(payload).__name__}")
-    return b"".join((check_context(header), header.check.to_bytes(2, "little"), bytes(payload)))
+    check = header.check.to_bytes(CHECK_BYTES, "little")
+    return b"".join((check_context(header), check, bytes(payload)))
 
 
 def unpack(data: bytes) -> tuple[PqmHeader, bytes]:
@@ -169,8 +176,8 @@ def unpack(data: bytes) -> tuple[PqmHeader, bytes]:
     for name, v in (("height", height), ("width", width)):
         if not 1 <= v <= MAX_DIM:
             raise ValueError(f"corrupt .pqm file: image {name} {v} out of range [1, {MAX_DIM}]")
-    if pos + 2 > len(data):
+    if pos + CHECK_BYTES > len(data):
         raise ValueError("corrupt .pqm file: truncated header (no code check)")
-    check = int.from_bytes(data[pos : pos + 2], "little")
+    check = int.from_bytes(data[pos : pos + CHECK_BYTES], "little")
     header = PqmHeader(model_id, height, width, stages_sent, check)
-    return header, data[pos + 2 :]
+    return header, data[pos + CHECK_BYTES :]

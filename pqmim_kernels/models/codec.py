@@ -57,6 +57,45 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = DOWNSAMPLING) -> torch.Tens
     return F.pad(x, (0, pw, 0, ph), mode="replicate")
 
 
+# Large images go through the conv transforms in tiles of TILE_TOKENS x TILE_TOKENS tokens
+# (1024 x 1024 px) plus TILE_HALO tokens of context on each side, cropped away afterwards: the
+# halo (128 px) covers the receptive field of the convolutions, so tiling changes the output
+# only by float rounding (and by the context an attention block of the PQ-VAE no longer sees
+# beyond a tile). Peak memory is that of one tile, time linear in the pixels. The tiling is a
+# fixed function of the image size, so every decoder tiles alike.
+TILE_TOKENS = 64
+TILE_HALO = 8
+
+
+def _tiled(fn, x: torch.Tensor, px_in: int, px_out: int) -> torch.Tensor:
+    """``fn`` applied to ``x`` (B, C, H, W) in spatial tiles of a token grid.
+
+    A token covers ``px_in`` x ``px_in`` positions of ``x`` and ``px_out`` x ``px_out`` of the
+    output (the encoder: ``px_in=16, px_out=1``; the decoder: ``1, 16``). Grids of at most
+    ``TILE_TOKENS^2`` tokens are passed whole; larger ones tile by tile into one output tensor.
+    """
+    h, w = x.shape[2] // px_in, x.shape[3] // px_in
+    if h * w <= TILE_TOKENS * TILE_TOKENS:
+        return fn(x)
+    out = None
+    for t0 in range(0, h, TILE_TOKENS):
+        t1 = min(h, t0 + TILE_TOKENS)
+        a0, a1 = max(0, t0 - TILE_HALO), min(h, t1 + TILE_HALO)
+        for u0 in range(0, w, TILE_TOKENS):
+            u1 = min(w, u0 + TILE_TOKENS)
+            b0, b1 = max(0, u0 - TILE_HALO), min(w, u1 + TILE_HALO)
+            y = fn(x[:, :, a0 * px_in : a1 * px_in, b0 * px_in : b1 * px_in])
+            if out is None:
+                out = y.new_empty(y.shape[0], y.shape[1], h * px_out, w * px_out)
+            dy, dx = (t0 - a0) * px_out, (u0 - b0) * px_out  # the halo to crop away
+            ny, nx = (t1 - t0) * px_out, (u1 - u0) * px_out
+            out[:, :, t0 * px_out : t1 * px_out, u0 * px_out : u1 * px_out] = y[
+                :, :, dy : dy + ny, dx : dx + nx
+            ]
+            del y
+    return out
+
+
 def _check_image(x, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -100,6 +139,7 @@ class PQMIM(nn.Module):
             radius=config.mim_radius,
             head_depth=config.mim_head_depth,
             head_mlp_ratio=config.mim_head_mlp_ratio,
+            condition=config.mim_condition,
         )
         # The integer entropy model that codes (exported from ``entropy_model``; stored in the
         # model file). None until :meth:`export_entropy_model` or loading a model file.
@@ -113,9 +153,16 @@ class PQMIM(nn.Module):
     # ---- the two halves of the PQ-VAE ----
 
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] (any H, W) -> latent (B, h, w, D), h = ceil(H/16)."""
+        """(B, 3, H, W) in [0, 1] (any H, W) -> latent (B, h, w, D), h = ceil(H/16).
+
+        Without autograd, an image of more than ``TILE_TOKENS^2`` tokens is encoded in tiles
+        (:func:`_tiled`) so that memory stays bounded and time linear in the pixels.
+        """
         _check_image(x)
-        return self.encoder(pad_to_multiple(x)).permute(0, 2, 3, 1)
+        x = pad_to_multiple(x)
+        if not torch.is_grad_enabled():
+            return _tiled(self.encoder, x, DOWNSAMPLING, 1).permute(0, 2, 3, 1)
+        return self.encoder(x).permute(0, 2, 3, 1)
 
     def quantize(self, y: torch.Tensor):
         """latent (B, h, w, D) -> ``(quantized (B, h, w, D), codes (B, h, w, M) int64, loss)``."""
@@ -124,9 +171,15 @@ class PQMIM(nn.Module):
         return q.view(b, h, w, d), idx.view(b, h, w, -1).long(), loss
 
     def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> codes (B, h, w, M) int64 (no gradient)."""
-        with torch.no_grad():
-            return self.quantize(self.encode_latent(x))[1]
+        """(B, 3, H, W) in [0, 1] -> codes (B, h, w, M) int64 (no gradient).
+
+        The assignment launches with pinned Triton configs on a GPU (reproducible codes)."""
+        pinned, self.quantizer.pinned = self.quantizer.pinned, True
+        try:
+            with torch.no_grad():
+                return self.quantize(self.encode_latent(x))[1]
+        finally:
+            self.quantizer.pinned = pinned
 
     def decode_codes(
         self, codes: torch.Tensor, size: tuple[int, int] | None = None
@@ -138,7 +191,8 @@ class PQMIM(nn.Module):
         b, h, w, m = codes.shape
         with torch.no_grad():
             y = self.quantizer.get_output_from_indices(codes.reshape(b, h * w, m).long())
-            x = self.decoder(y.reshape(b, h, w, -1).permute(0, 3, 1, 2).float())
+            y = y.reshape(b, h, w, -1).permute(0, 3, 1, 2).float()
+            x = _tiled(self.decoder, y, 1, DOWNSAMPLING)
         if size is not None:
             x = x[..., : size[0], : size[1]]
         return x.clamp(0.0, 1.0)

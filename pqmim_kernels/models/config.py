@@ -24,7 +24,9 @@ class PQMIMConfig:
     - ``mim_*``: the entropy model v2 (:mod:`pqmim_kernels.models.mim`): transformer width W,
       depth, heads, MLP ratio, attention window radius R (``mim_radius``, window ``(2R+1)^2``
       tokens), and the sub-code head's residual MLP blocks (``mim_head_depth``) and their width
-      ratio (``mim_head_mlp_ratio``). It codes with integer-exact arithmetic (PQMIM.md §5).
+      ratio (``mim_head_mlp_ratio``); ``mim_condition=False`` makes the sub-codes of a token
+      independent given the context (an ablation). It codes with integer-exact arithmetic
+      (PQMIM.md §5).
     - ``stages`` S: coding stages (PQMIM.md §4).
     - ``commitment``: β of the commitment loss.
 
@@ -55,6 +57,7 @@ class PQMIMConfig:
     mim_radius: int = 7
     mim_head_depth: int = 1
     mim_head_mlp_ratio: float = 2.0
+    mim_condition: bool = True  # sub-code m conditioned on sub-codes < m (False: independent)
     stages: int = 10
     commitment: float = 0.25
     # PQ-VAE architecture (defaults = the original design)

@@ -147,6 +147,9 @@ class MIMEntropyModel(nn.Module):
         num_subspaces: M; codebook_size: K; width: W; depth: transformer blocks; heads;
         mlp_ratio: block MLP width / W; radius: R of the attention window (<= 8);
         head_depth: residual MLP blocks of the sub-code head; head_mlp_ratio: their width / W.
+        condition: condition sub-code ``m`` on the sub-codes ``< m`` of its token (False: the
+            sub-codes are independent given the context, the ablation of PQMIM.md §3's default;
+            the conditioning tables are then zero and frozen).
     """
 
     def __init__(
@@ -160,6 +163,7 @@ class MIMEntropyModel(nn.Module):
         radius: int = 7,
         head_depth: int = 1,
         head_mlp_ratio: float = 2.0,
+        condition: bool = True,
     ) -> None:
         super().__init__()
         if not 0 <= radius <= im.MAX_RADIUS:
@@ -183,6 +187,10 @@ class MIMEntropyModel(nn.Module):
         self.out = nn.Linear(width, m * k)
         for emb in (self.code_embedding, self.cond_embedding):
             nn.init.normal_(emb.weight, std=0.02)
+        self.condition = bool(condition)
+        if not self.condition:
+            nn.init.zeros_(self.cond_embedding.weight)
+            self.cond_embedding.weight.requires_grad_(False)
         nn.init.normal_(self.mask_embedding, std=0.02)
         nn.init.normal_(self.step_embedding, std=0.02)
         nn.init.normal_(self.out.weight, std=0.02)
