@@ -34,7 +34,6 @@ FP32_PRECISIONS = ("tf32x3", "ieee")
 _TRITON_IMPORTABLE: list[bool] = []  # memo of triton_available()
 
 
-@torch.compiler.assume_constant_result  # torch.compile calls it once and folds the answer
 def triton_available() -> bool:
     """True when ``import triton`` works in this process (checked once)."""
     if not _TRITON_IMPORTABLE:
@@ -45,6 +44,13 @@ def triton_available() -> bool:
         else:
             _TRITON_IMPORTABLE.append(True)
     return _TRITON_IMPORTABLE[0]
+
+
+# torch.compile calls triton_available once and folds the answer. This is the mark that
+# torch.compiler.assume_constant_result sets (torch 2.11-2.13); calling that function would
+# import torch._dynamo, ~2 s, on every import of this module (the codec's first call paid it).
+# tests/test_functional_import.py checks that the decorator still sets exactly this mark.
+triton_available._dynamo_marked_constant = True
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor, op: str = "op") -> str:
@@ -167,9 +173,18 @@ def pq_assign(
                 f"{PQ_MAX_SUBSPACE_DIM}, got d = {d}; use backend='reference' or 'auto'"
             )
         chosen = "reference"  # documented rule of "auto": the kernel keeps d in registers
-    codes, dists = _pq_assign_op(
-        z.detach(), codebooks.detach(), chosen, bool(return_distances), fp32_precision, pinned
-    )
+    if chosen == "reference" and not torch.compiler.is_compiling():
+        # Eager reference path called directly: the custom op's dispatcher would import
+        # torch._dynamo (~2 s) on the first call, which every one-image `pqmim compress` paid.
+        from pqmim_kernels.reference.pq import pq_assign_chunked
+
+        codes, dists = pq_assign_chunked(
+            z.detach(), codebooks.detach(), with_distances=bool(return_distances)
+        )
+    else:
+        codes, dists = _pq_assign_op(
+            z.detach(), codebooks.detach(), chosen, bool(return_distances), fp32_precision, pinned
+        )
     return (codes, dists) if return_distances else codes
 
 
