@@ -240,22 +240,42 @@ def kmeans(
     return centroids, counts
 
 
+_SEED_ROUNDS = 32  # k-means++ picks its K seeds in at most this many rounds
+
+
 def _kmeans_plus_plus(
     xm: torch.Tensor, num_codes: int, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """k-means++ seeds for xm (M, N, d): returns (M, K, d). O(K·N·d) per sub-space."""
+    """k-means++ seeds for xm (M, N, d): returns (M, K, d).
+
+    Seeds are drawn in at most ``_SEED_ROUNDS`` rounds (the k-means|| idea): each round draws
+    ``ceil(K / rounds)`` distinct points with probability ∝ their squared distance to the nearest
+    seed so far, then updates those distances with one batched product. The cost is that of
+    about one Lloyd iteration, O(K·N·d), with ~32 Python steps instead of K sequential ones
+    (K = 1024 took 50 s on one CPU core, now about a second); for K <= 32 it is exactly
+    sequential k-means++.
+    """
     m, n, d = xm.shape
     rows = torch.arange(m, device=xm.device)
     seeds = torch.empty(m, num_codes, d, device=xm.device)
     first = torch.randint(0, n, (m,), generator=generator).to(xm.device)
     seeds[:, 0] = xm[rows, first]
     d2 = ((xm - seeds[:, :1]) ** 2).sum(-1)  # (M, N) squared distance to the nearest seed
-    for j in range(1, num_codes):
+    x2 = (xm * xm).sum(-1)  # (M, N)
+    per_round = -(-(num_codes - 1) // _SEED_ROUNDS) if num_codes > 1 else 1
+    j = 1
+    while j < num_codes:
+        b = min(per_round, num_codes - j, n)
         # All points already coincide with a seed (N < K or duplicates): fall back to uniform.
         weights = torch.where(d2.sum(-1, keepdim=True) > 0, d2, torch.ones_like(d2))
-        pick = torch.multinomial(weights.cpu(), 1, generator=generator).to(xm.device)[:, 0]
-        seeds[:, j] = xm[rows, pick]
-        d2 = torch.minimum(d2, ((xm - seeds[:, j : j + 1]) ** 2).sum(-1))
+        picks = torch.multinomial(weights.cpu(), b, replacement=False, generator=generator)
+        new = xm[rows[:, None], picks.to(xm.device)]  # (M, b, d)
+        seeds[:, j : j + b] = new
+        # squared distances to the new seeds: |x|^2 - 2 x.s + |s|^2, clamped at 0
+        cross = torch.bmm(xm, new.transpose(1, 2))  # (M, N, b)
+        dist = x2[:, :, None] - 2 * cross + (new * new).sum(-1)[:, None]
+        d2 = torch.minimum(d2, dist.clamp_min(0).amin(-1))
+        j += b
     return seeds
 
 
