@@ -3,6 +3,10 @@
 Example::
 
     pqmim eval ../shared/data/kodak --codecs jpeg,jpeg444,webp,avif,jxl,heic,ref:vtm --out out/
+
+Works after the base install for what it has (PQ-MIM, JPEG, WebP) with ``--bd-method cubic
+--no-plot``; anything that needs the ``eval`` extra (scipy, matplotlib) is named before any
+work, and codecs whose library is missing are skipped with the package to install.
 """
 
 from __future__ import annotations
@@ -22,15 +26,19 @@ def register(subparsers) -> None:
             "Encode every image with every codec at a sweep of settings; report mean bpp (whole "
             "files), RGB PSNR, MS-SSIM, timings and BD-rate/BD-PSNR against an anchor. Writes "
             "results.json, results.md and rd.png to --out. Codecs whose library is missing are "
-            "skipped with a message. 'ref:NAME' entries add published Kodak curves (dashed; "
-            "not runs): ref:jpeg-published, ref:balle2018, ref:minnen2018, ref:bpg, ref:vtm."
+            "skipped with a message. 'pqmim' sweeps every bundled PQ-MIM preset (one rate "
+            "point each), 'pqmim@NAME' only the named ones. 'ref:NAME' entries add published "
+            "Kodak curves (dashed; not runs): ref:jpeg-published, ref:balle2018, ref:minnen2018, "
+            "ref:bpg, ref:vtm. Needs scipy (BD with pchip, the JPEG check) and matplotlib (the "
+            "plot) from pip install 'pqmim-kernels[eval]'; says so before any work."
         ),
     )
     p.add_argument("images_dir", metavar="IMAGES_DIR", help="folder of images (png, jpg, ...)")
     p.add_argument(
         "--codecs",
         default=DEFAULT_CODECS,
-        help=f"comma-separated codecs and ref:NAME curves (default: {DEFAULT_CODECS})",
+        help="comma-separated codecs, pqmim@PRESET entries and ref:NAME curves "
+        f"(default: {DEFAULT_CODECS})",
     )
     p.add_argument("--out", required=True, help="output folder (created if needed)")
     p.add_argument(
@@ -57,7 +65,8 @@ def register(subparsers) -> None:
         "--pqmim-models",
         default=None,
         metavar="A.pt,B.pt",
-        help="PQ-MIM models to evaluate, one rate point each (default: the bundled model)",
+        help="PQ-MIM model files (or preset names) to evaluate, one rate point each "
+        "(default: every bundled preset)",
     )
     p.add_argument(
         "--pqmim-stages",
@@ -127,7 +136,18 @@ def run(args: argparse.Namespace) -> int:
             raise RuntimeError(f"--device {args.device}: CUDA is not available here")
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    runner.list_images(args.images_dir, args.limit)  # missing folder or no image: say so now
+    images = runner.list_images(args.images_dir, args.limit)  # no image: say so now
+    merged = runner.load_previous(args.merge, images, []) if args.merge else None
+    runner.check_requirements(  # a missing package is named now, not after hours of work
+        names,
+        qualities=qualities,
+        pqmim_models=models,
+        pqmim_stages=stages,
+        anchor=args.anchor,
+        bd_method=args.bd_method,
+        plot=not args.no_plot,
+        merged=merged,
+    )
     _check_out_folder(args.out)  # before the evaluation, which can take hours
 
     def log(msg: str) -> None:

@@ -5,8 +5,16 @@
 - :mod:`.codecs`: codec adapters (Pillow JPEG/WebP, imagecodecs AVIF/JPEG XL, pillow-heif HEIC,
   PQ-MIM) with their quality sweeps and versions.
 - :mod:`.reference`: published Kodak curves shipped as data (``ref:NAME``).
-- :mod:`.runner`: the evaluation itself (parallel over images) and its JSON / markdown outputs.
+- :mod:`.images`: which files of a folder are images, read as 8-bit RGB.
+- :mod:`.selection`: ``--codecs`` / ``--qualities`` / ``--pqmim-*`` -> adapters (PQ-MIM
+  presets included).
+- :mod:`.requirements`: the optional packages a run needs, checked before any work.
+- :mod:`.sweep`: measuring every image x codec x setting (parallel over images).
+- :mod:`.summary`: curves, BD metrics against the anchor, the JPEG consistency check.
+- :mod:`.merge`: curves of an earlier ``results.json`` joining a run (``--merge``).
+- :mod:`.report`: ``results.json``, ``results.md`` and the printed summary.
 - :mod:`.plot`: the RD plot (matplotlib, Agg).
+- :mod:`.runner`: the pipeline that chains them (:func:`.runner.evaluate`).
 
 Imports are light: third-party codec libraries, scipy and matplotlib load only when used.
 """

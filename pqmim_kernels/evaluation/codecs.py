@@ -4,15 +4,16 @@ Every adapter turns an ``(H, W, 3)`` ``uint8`` RGB image into the **complete fil
 writes (container and headers included, so ``8 * len(bytes) / (H * W)`` is the honest bpp) and
 back. A sweep of ``settings`` (quality, distance, or model) gives the RD points.
 
-Adapters are plain picklable objects so that :mod:`pqmim_kernels.evaluation.runner` can ship them
-to worker processes; third-party libraries are imported lazily inside the methods, and a library
-that is missing raises :class:`CodecUnavailable` from :meth:`Codec.check_available`, which the
-runner turns into a "skipping ..." message rather than a crash.
+Adapters are plain picklable objects so that :mod:`pqmim_kernels.evaluation.sweep` can ship
+them to worker processes; third-party libraries are imported lazily inside the methods, and a
+library that is missing raises :class:`CodecUnavailable` from :meth:`Codec.check_available`,
+which :func:`~pqmim_kernels.evaluation.selection.build_codecs` turns into a "skipping ..."
+message rather than a crash.
 
 Encoder parameters are fixed here (and recorded in :meth:`Codec.params`) so a run is
 reproducible: libaom speed 6 for AVIF, libjxl effort 7, x265 defaults for HEIC, libjpeg-turbo
 defaults for JPEG (no ``optimize``, as the published Pillow JPEG curves use), libwebp method 4.
-Encoders run single-threaded where the library lets us choose: parallelism comes from the runner
+Encoders run single-threaded where the library lets us choose: parallelism comes from the sweep
 processing several images at once, and single-threaded timings are comparable across codecs.
 """
 
@@ -334,7 +335,8 @@ class PQMIMCodec(Codec):
     """The PQ-MIM learned codec. A setting is a model name or path: one rate point per model
     (PQ-MIM trains one model per (M, K)); ``"MODEL@N"`` sends only the first N coding stages of
     that model and lets the decoder fill the rest (hybrid mode, PQMIM.md §7), so one model gives
-    a sweep of lower-rate points (:func:`stage_settings`).
+    a sweep of lower-rate points (:func:`stage_settings`). The default sweep is every bundled
+    preset, by quality (:func:`preset_names`).
 
     Talks to ``pqmim_kernels.models`` through three functions only: ``load_model(name_or_path,
     device=...)``, ``compress_image(img, model=...[, stages=N]) -> bytes`` and
@@ -352,7 +354,7 @@ class PQMIMCodec(Codec):
         self._api = api
         self.device = device
         self._models: dict[str, Any] = {}
-        super().__init__(settings)
+        super().__init__(preset_names() if settings is None else settings)
 
     def __getstate__(self):
         # Loaded models stay in the process that loaded them; a worker process loads each model
@@ -392,11 +394,13 @@ class PQMIMCodec(Codec):
     def _model(self, setting: str):
         name, stages = split_setting(setting)
         if name not in self._models:
+            preset = _find_preset(name) if self._api is None else None
+            target = preset.path if preset is not None else name
             try:  # a rewritten model file under the same path is a different model
-                stamp = os.stat(name).st_mtime_ns
+                stamp = os.stat(target).st_mtime_ns
             except OSError:
                 stamp = None
-            key = (name, self.device, stamp)
+            key = (name, str(target), self.device, stamp)
             cached = _PQMIM_MODELS.get(key) if self._api is None else None
             if cached is None:
                 try:
@@ -445,6 +449,9 @@ class PQMIMCodec(Codec):
             for key in ("num_subspaces", "codebook_size", "stages", "raw_bpp"):
                 if hasattr(cfg, key):
                     info[key] = getattr(cfg, key)
+            preset = _find_preset(name)
+            if preset is not None:
+                info["preset_quality"] = preset.quality
             if info:
                 out[f"model {name}"] = info
         return out
@@ -458,7 +465,26 @@ class PQMIMCodec(Codec):
         return np.asarray(self.api().decompress_image(data, model=self._model(setting)))
 
 
-_PQMIM_MODELS: dict[tuple, Any] = {}  # (model, device, file mtime) -> loaded model, per process
+_PQMIM_MODELS: dict[tuple, Any] = {}  # (name, file, device, mtime) -> loaded model, per process
+
+
+def preset_names() -> tuple[str, ...]:
+    """The bundled presets by quality (:mod:`pqmim_kernels.models.presets`): PQ-MIM's default
+    sweep; ``PQMIMCodec.default_settings`` where the models package cannot be imported (then
+    :meth:`PQMIMCodec.check_available` says why)."""
+    try:
+        from pqmim_kernels.models import presets
+    except ImportError:
+        return PQMIMCodec.default_settings
+    return presets.names()
+
+
+def _find_preset(name: str):
+    try:
+        from pqmim_kernels.models import presets
+    except ImportError:
+        return None
+    return presets.find(name)
 
 
 def split_setting(setting: str) -> tuple[str, int | None]:

@@ -12,7 +12,7 @@ from typing import Any
 
 
 def plot_rd(result: dict[str, Any], path: str | os.PathLike, title: str | None = None) -> None:
-    """Write the two-panel RD plot of ``result`` (see :func:`runner.summarize`) to ``path``."""
+    """Write the two-panel RD plot of ``result`` (see :func:`.summary.summarize`) to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
