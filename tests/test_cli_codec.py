@@ -117,8 +117,8 @@ def test_compress_partial_stages_in_process(tmp_path, model_file, capsys):
     )
     assert main([*args, "--max-bytes", str(sizes[1])]) == 0
     assert capsys.readouterr().err == ""  # everything fits: no warning
-    assert main([*args, "--max-bytes", "8"]) == 1  # the header alone is 10 bytes
-    assert "--max-bytes 8 is below the smallest possible .pqm file of a 96x64 image (10 bytes" in (
+    assert main([*args, "--max-bytes", "8"]) == 1  # the header alone is 11 bytes
+    assert "--max-bytes 8 is below the smallest possible .pqm file of a 96x64 image (11 bytes" in (
         capsys.readouterr().err
     )
     assert main([*args, "--max-bytes", "500", "--stages", "2"]) == 1

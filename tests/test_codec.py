@@ -72,11 +72,32 @@ def test_rate_matches_cross_entropy(model, h, w):
     ideal, float_bits = model.estimate_bits(x)
     header, payload = fmt.unpack(data)
     header_bytes = len(data) - len(payload)
-    assert header_bytes <= 11
-    # the rANS stream adds a few framing bytes (1 + 5..8 per state, 32-bit words): <= 12 bytes
+    assert header_bytes <= 12
+    # the rANS stream adds a few framing bytes (compact framing, 32-bit words): <= 12 bytes
     assert 8 * len(data) <= 1.01 * float_bits + 8 * (header_bytes + 12)
     assert 8 * len(payload) >= ideal - 1.0  # no coder beats the ideal code length
     assert ideal == pytest.approx(float_bits, rel=0.01)  # probability quantisation is cheap
+
+
+@pytest.mark.parametrize("downscale", [1, 2, 3])
+def test_downscaled_files_round_trip_at_full_size(model, downscale):
+    """A downscaled file codes the image shrunk by 2^k and decodes to the full size, smaller
+    than the full-resolution file; its codes are those of the shrunk image."""
+    from pqmim_kernels.models.codec import shrink
+
+    x = _image(100, 130, seed=3)
+    full = model.compress(x)
+    data = model.compress(x, downscale=downscale)
+    assert len(data) < len(full)
+    hdr, _ = fmt.unpack(data)
+    assert (hdr.height, hdr.width, hdr.downscale) == (100, 130, downscale)
+    codes, size = model.decompress_codes(data)
+    assert size == (100, 130)
+    assert torch.equal(codes, model.encode_codes(shrink(x, downscale)))
+    y = model.decompress(data)
+    assert y.shape == (1, 3, 100, 130) and 0 <= float(y.min()) and float(y.max()) <= 1
+    with pytest.raises(ValueError, match=r"downscale must be an int in \[0, 3\], got 4"):
+        model.compress(x, downscale=4)
 
 
 def test_bpp_counts_the_whole_file(model):

@@ -42,6 +42,19 @@ def test_pack_unpack_round_trip_and_size():
     assert fmt.unpack(tiny) == (_header(height=1, width=16, stages_sent=1, check=0), b"")
 
 
+def test_downscale_field_shares_the_width_varint():
+    for k in range(4):
+        h = _header(height=500, width=700, downscale=k)
+        data = fmt.pack(h, b"")
+        got, _ = fmt.unpack(data)
+        assert got == h and got.downscale == k
+        assert got.coded_size == (-(-500 // 2**k), -(-700 // 2**k))
+    # width 768 -> field 3072 still takes two bytes: no cost for Kodak-sized images
+    assert len(fmt.pack(_header(width=768, downscale=3), b"")) == 12
+    with pytest.raises(ValueError, match=r"downscale must be in \[0, 3\], got 4"):
+        fmt.pack(_header(downscale=4), b"")
+
+
 def test_pack_rejects_bad_fields():
     with pytest.raises(ValueError, match="model_id must be 2 bytes"):
         fmt.pack(_header(model_id=b"abc"), b"")

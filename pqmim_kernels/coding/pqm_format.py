@@ -8,7 +8,7 @@ the written spec is ``docs/PQM_FORMAT.md``::
     2       1     version (high 4 bits) | stages_sent - 1 (low 4 bits)
     3       2     model id: first 2 bytes of the model's sha256 fingerprint
     5       1-5   varint height  (pixels, >= 1)
-    .       1-5   varint width   (pixels, >= 1)
+    .       1-5   varint 4 * width + downscale  (width in pixels >= 1; downscale 0..3)
     .       3     check: CRC-32 of the header bytes before it + the coded token codes, low 24 bits
     .       ...   rANS payload (rest of the file)
 
@@ -31,6 +31,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
     "MAX_DIM",
+    "MAX_DOWNSCALE",
     "PqmHeader",
     "check_context",
     "code_check",
@@ -52,6 +53,7 @@ MAX_DIM = 1 << 20  # 1 Mpx per side: far beyond any real use, keeps allocations 
 # no check value of its own, so this check is what catches a damaged payload: at 24 bits a
 # corrupt file that decodes at all passes it with probability 2^-24.
 CHECK_BYTES = 3
+MAX_DOWNSCALE = 3  # the payload may code the image shrunk by 2, 4 or 8 (field: 4 * width + k)
 CHECK_MASK = (1 << (8 * CHECK_BYTES)) - 1
 _MAX_VARINT_BYTES = 5
 
@@ -61,7 +63,9 @@ class PqmHeader:
     """Decoded header fields.
 
     ``model_id``: 2 bytes; ``height``/``width``: image size in pixels; ``stages_sent``: number of
-    coding stages in the payload (1..16); ``check``: 24-bit check over the coded codes.
+    coding stages in the payload (1..16); ``check``: 24-bit check over the coded codes;
+    ``downscale``: the payload codes the image shrunk by ``2**downscale`` (0..3; the decoder
+    enlarges it back to ``height x width``), the way very small files fit any image.
     """
 
     model_id: bytes
@@ -69,6 +73,13 @@ class PqmHeader:
     width: int
     stages_sent: int
     check: int
+    downscale: int = 0
+
+    @property
+    def coded_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the image the payload codes: ``ceil(size / 2**downscale)``."""
+        f = 1 << self.downscale
+        return -(-self.height // f), -(-self.width // f)
 
 
 def write_varint(value: int) -> bytes:
@@ -123,7 +134,7 @@ def check_context(header: PqmHeader) -> bytes:
             bytes([(FORMAT_VERSION << 4) | (header.stages_sent - 1)]),
             bytes(header.model_id),
             write_varint(header.height),
-            write_varint(header.width),
+            write_varint(4 * header.width + header.downscale),
         )
     )
 
@@ -137,6 +148,10 @@ def _check_fields(header: PqmHeader) -> None:
         v = getattr(header, name)
         if not 1 <= v <= MAX_DIM:
             raise ValueError(f"pqm header: {name} must be in [1, {MAX_DIM}], got {v}")
+    if header.downscale not in range(MAX_DOWNSCALE + 1):
+        raise ValueError(
+            f"pqm header: downscale must be in [0, {MAX_DOWNSCALE}], got {header.downscale}"
+        )
 
 
 def pack(header: PqmHeader, payload: bytes) -> bytes:
@@ -172,12 +187,13 @@ def unpack(data: bytes) -> tuple[PqmHeader, bytes]:
         )
     model_id = data[3:5]
     height, pos = read_varint(data, 5)
-    width, pos = read_varint(data, pos)
+    field, pos = read_varint(data, pos)
+    width, downscale = field >> 2, field & MAX_DOWNSCALE
     for name, v in (("height", height), ("width", width)):
         if not 1 <= v <= MAX_DIM:
             raise ValueError(f"corrupt .pqm file: image {name} {v} out of range [1, {MAX_DIM}]")
     if pos + CHECK_BYTES > len(data):
         raise ValueError("corrupt .pqm file: truncated header (no code check)")
     check = int.from_bytes(data[pos : pos + CHECK_BYTES], "little")
-    header = PqmHeader(model_id, height, width, stages_sent, check)
+    header = PqmHeader(model_id, height, width, stages_sent, check, downscale)
     return header, data[pos + CHECK_BYTES :]

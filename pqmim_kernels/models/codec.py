@@ -96,6 +96,22 @@ def _tiled(fn, x: torch.Tensor, px_in: int, px_out: int) -> torch.Tensor:
     return out
 
 
+def shrink(x: torch.Tensor, downscale: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 3, ceil(H / f), ceil(W / f)), ``f = 2**downscale``: the mean of each
+    f x f block (edge-replicated to a multiple of f first)."""
+    if downscale == 0:
+        return x
+    f = 1 << downscale
+    return F.avg_pool2d(pad_to_multiple(x, f), f)
+
+
+def enlarge(x: torch.Tensor, downscale: int, size: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`shrink` for the decoder: bicubic enlargement by ``2**downscale``,
+    cropped to ``size`` and clamped to [0, 1]."""
+    y = F.interpolate(x, scale_factor=1 << downscale, mode="bicubic", align_corners=False)
+    return y[..., : size[0], : size[1]].clamp(0.0, 1.0)
+
+
 def _check_image(x, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -341,12 +357,14 @@ class PQMIM(nn.Module):
                 session.known(codes, pos, st)
 
     @torch.no_grad()
-    def compress(self, x: torch.Tensor, stages: int | None = None) -> bytes:
+    def compress(self, x: torch.Tensor, stages: int | None = None, downscale: int = 0) -> bytes:
         """(1, 3, H, W) float in [0, 1] -> bytes of a ``.pqm`` file.
 
         ``stages``: send only the first ``stages`` coding stages (default: all S). The decoder
         fills the tokens of the missing stages with the entropy model's most likely codes
         (PQMIM.md §7, hybrid compression/generation): fewer bytes, lower fidelity.
+        ``downscale`` k in 0..3: code the image shrunk by ``2**k`` (area averaging); the decoder
+        enlarges it back (bicubic) to H x W. The way a tiny byte budget fits any image.
         """
         _check_image(x)
         if x.shape[0] != 1:
@@ -354,8 +372,13 @@ class PQMIM(nn.Module):
         height, width = int(x.shape[2]), int(x.shape[3])
         self._check_size(height, width)
         stages = self._check_stages(stages)
-        codes = self.encode_codes(x.to(self._device()))[0]  # (h, w, M)
-        return self.compress_codes(codes, (height, width), stages)
+        if downscale not in range(pqm_format.MAX_DOWNSCALE + 1) or isinstance(downscale, bool):
+            raise ValueError(
+                f"compress: downscale must be an int in [0, {pqm_format.MAX_DOWNSCALE}], "
+                f"got {downscale!r}"
+            )
+        codes = self.encode_codes(shrink(x, downscale).to(self._device()))[0]  # (h, w, M)
+        return self.compress_codes(codes, (height, width), stages, downscale)
 
     def _check_stages(self, stages) -> int:
         total = self.config.stages
@@ -376,17 +399,24 @@ class PQMIM(nn.Module):
 
     @torch.no_grad()
     def compress_codes(
-        self, codes: torch.Tensor, size: tuple[int, int], stages: int | None = None
+        self,
+        codes: torch.Tensor,
+        size: tuple[int, int],
+        stages: int | None = None,
+        downscale: int = 0,
     ) -> bytes:
         """Codes (h, w, M) int64 in [0, K) of an image of ``size = (H, W)`` pixels -> bytes of a
-        ``.pqm`` file (``h = ceil(H/16)``, ``w = ceil(W/16)``). Exact: the same codes give the
-        same bytes on every machine (what the golden tests pin)."""
+        ``.pqm`` file (``h = ceil(H' / 16)``, ``w = ceil(W' / 16)`` for the coded size ``(H',
+        W') = ceil((H, W) / 2**downscale)``). Exact: the same codes give the same bytes on every
+        machine (what the golden tests pin)."""
         from pqmim_kernels.coding import RansEncoder
 
         height, width = (int(v) for v in size)
         self._check_size(height, width)
         stages = self._check_stages(stages)
-        h, w = -(-height // DOWNSAMPLING), -(-width // DOWNSAMPLING)
+        header = pqm_format.PqmHeader(self.model_id(), height, width, stages, 0, downscale)
+        ch, cw = header.coded_size
+        h, w = -(-ch // DOWNSAMPLING), -(-cw // DOWNSAMPLING)
         m, k = self.config.num_subspaces, self.config.codebook_size
         if not isinstance(codes, torch.Tensor) or tuple(codes.shape) != (h, w, m):
             got = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
@@ -399,7 +429,6 @@ class PQMIM(nn.Module):
         enc = RansEncoder(framing=PAYLOAD_FRAMING)
         self._code((h, w), flat, stages, enc, decoding=False)
         order, cum, _ = self._schedule(h, w)
-        header = pqm_format.PqmHeader(self.model_id(), height, width, stages, check=0)
         check = pqm_format.code_check(
             flat.cpu().numpy()[order[: int(cum[stages])]], pqm_format.check_context(header)
         )
@@ -409,7 +438,9 @@ class PQMIM(nn.Module):
     def decompress_codes(
         self, data: bytes, max_pixels: int | None = MAX_DECODE_PIXELS
     ) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Bytes of a ``.pqm`` file -> ``(codes (1, h, w, M) int64, (H, W))``.
+        """Bytes of a ``.pqm`` file -> ``(codes (1, h, w, M) int64, (H, W))``: the codes of the
+        coded image (shrunk by ``2**downscale`` when the header says so, see
+        :meth:`compress`) and the size of the image the file holds.
 
         Raises ``ValueError`` for foreign, truncated or corrupt files, files made by another
         model or format version, code-check mismatches, and headers claiming more than
@@ -437,8 +468,8 @@ class PQMIM(nn.Module):
                 f"this .pqm file holds {header.stages_sent} stages; the model codes only "
                 f"{self.config.stages}"
             )
-        h = -(-header.height // DOWNSAMPLING)
-        w = -(-header.width // DOWNSAMPLING)
+        ch, cw = header.coded_size
+        h, w = -(-ch // DOWNSAMPLING), -(-cw // DOWNSAMPLING)
         m = self.config.num_subspaces
         _, cum, _ = self._schedule(h, w)
         try:
@@ -479,7 +510,10 @@ class PQMIM(nn.Module):
         """Bytes of a ``.pqm`` file -> image (1, 3, H, W) float32 in [0, 1] (on the model's
         device). Errors (and ``max_pixels``) as in :meth:`decompress_codes`."""
         codes, size = self.decompress_codes(data, max_pixels)
-        return self.decode_codes(codes, size)
+        header, _ = pqm_format.unpack(data)
+        if header.downscale == 0:
+            return self.decode_codes(codes, size)
+        return enlarge(self.decode_codes(codes, header.coded_size), header.downscale, size)
 
     @torch.no_grad()
     def estimate_bits(self, x: torch.Tensor) -> tuple[float, float]:
