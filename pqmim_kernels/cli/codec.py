@@ -246,13 +246,22 @@ def register(subparsers) -> None:
         help="send only the first N coding stages; the decoder fills the rest (default: all)",
     )
     c.add_argument(
+        "--quality",
+        type=_positive_int,
+        default=None,
+        help="the bundled model (preset) of this quality level, 1 = smallest files (default: "
+        "the default preset)",
+    )
+    c.add_argument(
         "--max-bytes",
         type=_positive_int,
         default=None,
-        help="send as many coding stages as fit in this many bytes (whole file; the decoder "
-        "fills the rest; a warning says when that is not all of them)",
+        help="the best file within this many bytes (whole file): without --model or --quality, "
+        "the highest-quality preset whose complete file fits, else the partial file (fewer "
+        "coding stages, the decoder fills the rest) that codes the most of the image; with "
+        "them, as many stages of that model as fit. A warning says when not all stages fit",
     )
-    _common(c)
+    _common(c, "the default preset; see --quality and --max-bytes")
     c.set_defaults(func=run_compress)
     d = subparsers.add_parser(
         "decompress",
@@ -269,31 +278,43 @@ def register(subparsers) -> None:
     )
     d.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     d.add_argument("--original", help="original image: print the PSNR against it")
-    _common(d)
+    _common(d, "the bundled preset that made the file, found by the model id in its header")
     d.set_defaults(func=run_decompress)
 
 
-def _common(p) -> None:
-    p.add_argument("--model", default="default", help="'default' (bundled) or a model file")
+def _common(p, default: str) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"a preset name (e.g. default) or a model file (default: {default})",
+    )
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (decode on the same kind)")
 
 
 def _model_inputs(args) -> list[Path]:
-    return [Path(args.model)] if args.model != "default" else []
+    if args.model is None:
+        return []
+    from pqmim_kernels.models import presets
+
+    return [] if presets.find(args.model) is not None else [Path(args.model)]
 
 
-def _load(args):
-    from pqmim_kernels.models import load_model
-
+def _check_device(args) -> None:
     if args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise RuntimeError(f"--device {args.device}: CUDA is not available here")
+
+
+def _load(args):
+    from pqmim_kernels.models import load_model
+
+    _check_device(args)
     return load_model(args.model, device=args.device)
 
 
-def _min_file_bytes(height: int, width: int, first_stage_tokens: int) -> int:
+def _min_file_bytes(height: int, width: int, first_stage_tokens: int = 0) -> int:
     """Fewest bytes any one-stage ``.pqm`` file of this size can have: its header (the payload's
     compact rANS framing can be empty; ``first_stage_tokens`` is kept for callers)."""
     from pqmim_kernels.coding import pqm_format
@@ -314,31 +335,52 @@ def _existing_input(name: str, what: str) -> Path:
 def run_compress(args) -> int:
     if args.stages is not None and args.max_bytes is not None:
         raise ValueError("give --stages or --max-bytes, not both")
+    if args.model is not None and args.quality is not None:
+        raise ValueError("give --model or --quality, not both")
     src = _existing_input(args.input, "image file")
     out = args.output or src.with_suffix(".pqm")
     check_output(out, [src, *_model_inputs(args)], args.force)
     out = Path(out)
     img = read_image(src)
     h, w = img.shape[:2]
-    from pqmim_kernels.models import compress_image, decompress_image
-    from pqmim_kernels.models.codec import DOWNSAMPLING
-    from pqmim_kernels.models.schedule import stage_bounds
+    from pqmim_kernels.models import (
+        compress_image,
+        compress_to_fit,
+        decompress_image,
+        preset_model,
+        presets,
+    )
 
-    model = _load(args)
-    total = model.config.stages
-    if args.stages is not None and args.stages > total:
-        raise ValueError(f"--stages {args.stages}: the model codes {total} stages")
     if args.max_bytes is not None:
-        tokens = -(-h // DOWNSAMPLING) * -(-w // DOWNSAMPLING)
-        least = _min_file_bytes(h, w, int(stage_bounds(tokens, total)[1]))
+        least = _min_file_bytes(h, w)
         if args.max_bytes < least:
             raise ValueError(
                 f"--max-bytes {args.max_bytes} is below the smallest possible .pqm file of a "
                 f"{w}x{h} image ({least} bytes: header and one coding stage)"
             )
+    _check_device(args)
+    if args.model is not None:
+        model, preset = _load(args), None
+    else:
+        if args.quality is not None:
+            candidates = [presets.by_quality(args.quality)]
+        elif args.max_bytes is not None:
+            candidates = list(presets.registry())  # search them all
+        else:
+            candidates = [presets.default()]
+        models = [preset_model(p, args.device) for p in candidates]  # loaded before the clock
+        model, preset = models[-1], candidates[-1]  # a --max-bytes search picks its own
+    if args.stages is not None and args.stages > model.config.stages:
+        raise ValueError(f"--stages {args.stages}: the model codes {model.config.stages} stages")
     t0 = time.perf_counter()
-    data = compress_image(img, model, stages=args.stages, max_bytes=args.max_bytes)
+    if preset is not None and args.max_bytes is not None:
+        data, model, preset, _ = compress_to_fit(
+            img, args.max_bytes, candidates, device=args.device
+        )
+    else:
+        data = compress_image(img, model, stages=args.stages, max_bytes=args.max_bytes)
     dt = time.perf_counter() - t0
+    total = model.config.stages
     write_output(out, data, args.force)
     sent = _stages_sent(data)
     if sent == total:
@@ -352,6 +394,7 @@ def run_compress(args) -> int:
         f"{src} ({w}x{h}) -> {out}: {len(data)} bytes, "
         f"{8 * len(data) / (h * w):.4f} bpp, encode {dt:.3f} s, PSNR {quality:.2f} dB"
         + ("" if sent == total else f" ({sent} of {total} stages)")
+        + ("" if preset is None else f", quality {preset.quality} (preset {preset.name})")
     )
     if args.max_bytes is not None and sent < total:
         print(
@@ -399,9 +442,13 @@ def run_decompress(args) -> int:
             f"--original {original} is {ref.shape[1]}x{ref.shape[0]} but {src} holds a "
             f"{header.width}x{header.height} image"
         )
-    from pqmim_kernels.models import decompress_image
+    from pqmim_kernels.models import decompress_image, model_for_file
 
-    model = _load(args)
+    if args.model is not None:
+        model = _load(args)
+    else:
+        _check_device(args)
+        model = model_for_file(data, device=args.device)[0]
     t0 = time.perf_counter()
     img = decompress_image(data, model)
     dt = time.perf_counter() - t0
