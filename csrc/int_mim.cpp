@@ -493,6 +493,12 @@ void project(const Linear& L, int norm, int width, const int32_t* x, int64_t n, 
 
 }  // namespace
 
+void Session::set_key_stage(const int64_t* pos, const int64_t* stage, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (pos[i] < 0 || pos[i] >= int64_t(h_) * w_) throw std::out_of_range("set_key_stage: bad pos");
+  for (int64_t i = 0; i < n; ++i) key_stage_[pos[i]] = stage[i];
+}
+
 void Session::known_stream(const int64_t* codes, const int64_t* pos, const int64_t* stage,
                            int64_t n, int num_threads) {
   const Model& m = model_;

@@ -100,6 +100,9 @@ void logits_to_cdfs(const int32_t* logits, int64_t n, int k, int precision,
 class Session {
  public:
   Session(const Model& model, int h, int w, const int64_t* key_stage);
+  // Sets the stage of n positions (the sampled fill of unsent stages gives the tokens it fixes
+  // the stage of the iteration that fixed them).
+  void set_key_stage(const int64_t* pos, const int64_t* stage, int64_t n);
   // Known stream of n tokens (codes (n, M)) at raster positions pos with stages stage.
   void known_stream(const int64_t* codes, const int64_t* pos, const int64_t* stage, int64_t n,
                     int num_threads);

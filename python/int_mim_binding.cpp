@@ -158,6 +158,16 @@ PYBIND11_MODULE(_intmim, mod) {
            }),
            py::arg("model"), py::arg("h"), py::arg("w"), py::arg("key_stage"))
       .def(
+          "set_key_stage",
+          [](PySession& s, Arr<int64_t> pos, Arr<int64_t> stage) {
+            Guard g(s);
+            const int64_t n = pos.size();
+            check_1d(pos, n, "pos");
+            check_1d(stage, n, "stage");
+            s.session->set_key_stage(pos.data(), stage.data(), n);
+          },
+          py::arg("pos"), py::arg("stage"))
+      .def(
           "known_stream",
           [](PySession& s, Arr<int64_t> codes, Arr<int64_t> pos, Arr<int64_t> stage, int threads) {
             Guard g(s);

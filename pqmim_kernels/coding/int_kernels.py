@@ -158,6 +158,9 @@ class CppSession:
             self._s.query_stream(_np(pos, np.int64), _np(stage, np.int64), _threads())
         )
 
+    def set_key_stage(self, pos: torch.Tensor, stage: torch.Tensor) -> None:
+        self._s.set_key_stage(_np(pos, np.int64), _np(stage, np.int64))
+
     def known(self, codes: torch.Tensor, pos: torch.Tensor, stage: torch.Tensor) -> None:
         self._s.known_stream(
             _np(codes, np.int64), _np(pos, np.int64), _np(stage, np.int64), _threads()

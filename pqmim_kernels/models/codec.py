@@ -316,22 +316,26 @@ class PQMIM(nn.Module):
             stage[order[cum[s] : cum[s + 1]]] = s
         return order, cum, torch.from_numpy(stage).to(self._device())
 
-    def _code(self, grid, flat: torch.Tensor, sent: int, coder, decoding: bool) -> None:
+    def _code(
+        self, grid, flat: torch.Tensor, sent: int, coder, decoding: bool, fill: dict | None = None
+    ) -> None:
         """The per-stage coding procedure shared by encoder and decoder (PQMIM.md §4).
 
         ``flat``: (h*w, M) int64 codes in raster order (read when encoding; written when
-        decoding and for the stages ``>= sent``, which are filled with the most likely codes).
-        ``coder``: a :class:`RansEncoder` or :class:`RansDecoder` for the stages ``< sent``.
-        For every non-empty stage ``s`` in order: the query stream of its tokens; for each
-        sub-space ``m`` the integer CDFs given sub-codes ``< m``, coded (or decoded, or argmax
-        for a stage not sent); then the known stream of the stage's tokens fills the key cache.
+        decoding). ``coder``: a :class:`RansEncoder` or :class:`RansDecoder` for the stages
+        ``< sent``. For every non-empty stage ``s`` in order: the query stream of its tokens; for
+        each sub-space ``m`` the integer CDFs given sub-codes ``< m``, coded or decoded; then the
+        known stream of the stage's tokens fills the key cache. Decoding a partial file then
+        fills the stages ``>= sent``: ``fill=None`` with the most likely codes, stage by stage
+        (greedy), or with the options of :func:`pqmim_kernels.models.sampling.fill_sampled`
+        (``fill={"seed": 0, ...}``) by MaskGIT-style sampling.
         """
         from pqmim_kernels.functional import int_session
 
         h, w = grid
         order, cum, stage = self._schedule(h, w)
         session = int_session(self.int_entropy_model, grid, stage, backend=self.int_backend)
-        last = self.config.stages if decoding else sent
+        last = sent if not decoding or fill is not None else self.config.stages
         for s in range(last):
             lo, hi = int(cum[s]), int(cum[s + 1])
             if lo == hi:
@@ -353,8 +357,20 @@ class PQMIM(nn.Module):
                     coder.encode_cdfs(codes[:, m].cpu().numpy(), cdfs)
             if decoding:
                 flat[pos] = codes
-            if s + 1 < last:
+            if s + 1 < last or (fill is not None and hi < h * w):
                 session.known(codes, pos, st)
+        if decoding and fill is not None and int(cum[sent]) < h * w:
+            from pqmim_kernels.models.sampling import fill_sampled
+
+            coder.finish()  # the sent stages end the stream: check it before generating
+            fill_sampled(
+                session,
+                flat,
+                order[int(cum[sent]) :],
+                sent,
+                self.config.num_subspaces,
+                **fill,
+            )
 
     @torch.no_grad()
     def compress(self, x: torch.Tensor, stages: int | None = None, downscale: int = 0) -> bytes:
@@ -436,11 +452,23 @@ class PQMIM(nn.Module):
 
     @torch.no_grad()
     def decompress_codes(
-        self, data: bytes, max_pixels: int | None = MAX_DECODE_PIXELS
+        self,
+        data: bytes,
+        max_pixels: int | None = MAX_DECODE_PIXELS,
+        *,
+        fill: str = "greedy",
+        seed: int = 0,
+        iterations: int = 8,
+        temperature: float = 1.0,
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Bytes of a ``.pqm`` file -> ``(codes (1, h, w, M) int64, (H, W))``: the codes of the
         coded image (shrunk by ``2**downscale`` when the header says so, see
         :meth:`compress`) and the size of the image the file holds.
+
+        A partial file's missing stages are filled by ``fill``: ``"greedy"`` (the most likely
+        codes, stage by stage) or ``"sample"`` (MaskGIT-style sampling in ``iterations`` rounds
+        at ``temperature``, seeded by ``seed``; :mod:`pqmim_kernels.models.sampling`). Both are
+        deterministic: the same file and options give the same codes on every machine.
 
         Raises ``ValueError`` for foreign, truncated or corrupt files, files made by another
         model or format version, code-check mismatches, and headers claiming more than
@@ -468,6 +496,16 @@ class PQMIM(nn.Module):
                 f"this .pqm file holds {header.stages_sent} stages; the model codes only "
                 f"{self.config.stages}"
             )
+        from pqmim_kernels.models.sampling import FILLS
+
+        if fill not in FILLS:
+            raise ValueError(f"decompress: fill must be one of {FILLS}, got {fill!r}")
+        options = None
+        if fill == "sample":
+            options = {"seed": seed, "iterations": iterations, "temperature": temperature}
+            from pqmim_kernels.models import sampling
+
+            sampling.check_options(**options)
         ch, cw = header.coded_size
         h, w = -(-ch // DOWNSAMPLING), -(-cw // DOWNSAMPLING)
         m = self.config.num_subspaces
@@ -476,8 +514,9 @@ class PQMIM(nn.Module):
             flat = torch.zeros(h * w, m, dtype=torch.int64, device=self._device())
             symbols = int(cum[header.stages_sent]) * m
             dec = RansDecoder(payload, framing=PAYLOAD_FRAMING, symbols=symbols)
-            self._code((h, w), flat, header.stages_sent, dec, decoding=True)
-            dec.finish()
+            self._code((h, w), flat, header.stages_sent, dec, decoding=True, fill=options)
+            if options is None or int(cum[header.stages_sent]) == h * w:
+                dec.finish()
         except (MemoryError, torch.OutOfMemoryError) as exc:
             raise MemoryError(
                 f"decoding this {header.width}x{header.height} .pqm image needs more memory "
@@ -506,10 +545,13 @@ class PQMIM(nn.Module):
         return flat.view(1, h, w, m), (header.height, header.width)
 
     @torch.no_grad()
-    def decompress(self, data: bytes, max_pixels: int | None = MAX_DECODE_PIXELS) -> torch.Tensor:
+    def decompress(
+        self, data: bytes, max_pixels: int | None = MAX_DECODE_PIXELS, **fill_options
+    ) -> torch.Tensor:
         """Bytes of a ``.pqm`` file -> image (1, 3, H, W) float32 in [0, 1] (on the model's
-        device). Errors (and ``max_pixels``) as in :meth:`decompress_codes`."""
-        codes, size = self.decompress_codes(data, max_pixels)
+        device). Errors, ``max_pixels`` and the fill options (``fill``, ``seed``, ``iterations``,
+        ``temperature``) as in :meth:`decompress_codes`."""
+        codes, size = self.decompress_codes(data, max_pixels, **fill_options)
         header, _ = pqm_format.unpack(data)
         if header.downscale == 0:
             return self.decode_codes(codes, size)

@@ -587,12 +587,18 @@ class IntSession:
 
     def __init__(self, model: IntMIM, grid: tuple[int, int], key_stage: torch.Tensor) -> None:
         self.model, self.grid = model, grid
-        self.key_stage = key_stage.to(model.device)
+        self.key_stage = key_stage.to(model.device).clone()
         self.cache = model.new_cache(grid[0] * grid[1])
 
     def query(self, pos: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
         """Query-stream outputs (n, W) for tokens at ``pos`` (n,) of stages ``stage`` (n,)."""
         return self.model.query_stream(pos, stage, self.cache, self.key_stage, self.grid)
+
+    def set_key_stage(self, pos: torch.Tensor, stage: torch.Tensor) -> None:
+        """Give the positions ``pos`` (n,) the stages ``stage`` (n,) (the sampled fill of
+        unsent stages: unfilled positions get a stage above every query's, filled ones the
+        stage of the iteration that fixed them)."""
+        self.key_stage[pos.to(self.key_stage.device)] = stage.to(self.key_stage)
 
     def known(self, codes: torch.Tensor, pos: torch.Tensor, stage: torch.Tensor) -> None:
         """Known stream of tokens with ``codes`` (n, M) at ``pos``: fills the caches."""
