@@ -4,9 +4,10 @@ Example::
 
     pqmim eval ../shared/data/kodak --codecs jpeg,jpeg444,webp,avif,jxl,heic,ref:vtm --out out/
 
-Works after the base install for what it has (PQ-MIM, JPEG, WebP) with ``--bd-method cubic
---no-plot``; anything that needs the ``eval`` extra (scipy, matplotlib) is named before any
-work, and codecs whose library is missing are skipped with the package to install.
+After the base install it runs PQ-MIM, WebP and JPEG 4:4:4 with ``--bd-method cubic
+--no-plot`` (``jpeg`` brings its consistency check, which interpolates with scipy); whatever
+needs the ``eval`` extra (scipy, matplotlib) is named before any work, and codecs whose library
+is missing are skipped with the package to install.
 """
 
 from __future__ import annotations
