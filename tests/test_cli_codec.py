@@ -105,6 +105,7 @@ def test_compress_partial_stages_in_process(tmp_path, model_file, capsys):
     assert "warning" not in captured.err  # --stages asked for it: no warning
     budget = tmp_path / "b.pqm"
     args = ["compress", str(src), "-o", str(budget), "--model", str(model_file), "--force"]
+    args.append("--no-downscale")  # stage selection alone (downscaled files: test_codec.py)
     assert main([*args, "--max-bytes", str(sizes[0])]) == 0
     assert budget.read_bytes() == (tmp_path / "p2.pqm").read_bytes()  # stage 3 does not fit
     captured = capsys.readouterr()
@@ -215,3 +216,41 @@ def test_psnr():
     assert cli_codec.psnr(a, b.astype(np.uint8)) == pytest.approx(expect)
     with pytest.raises(ValueError, match="PSNR: images differ in size"):
         cli_codec.psnr(a, a[:4])
+
+
+def test_decompress_fill_options(tmp_path, model_file, capsys):
+    """--fill sample decodes a partial file into another plausible image per --seed; a bad
+    option is a one-line error before any decoding."""
+    src = tmp_path / "f.png"
+    Image.fromarray(_rgb(128, 160, seed=3)).save(src)
+    pqm = tmp_path / "f.pqm"
+    model = ["--model", str(model_file)]
+    assert main(["compress", str(src), "-o", str(pqm), *model, "--stages", "1"]) == 0
+    outs = {}
+    for name, extra in (
+        ("greedy", []),
+        ("s1", ["--fill", "sample", "--seed", "1", "--temperature", "3"]),
+        ("s1b", ["--fill", "sample", "--seed", "1", "--temperature", "3"]),
+        ("s2", ["--fill", "sample", "--seed", "2", "--iterations", "3", "--temperature", "3"]),
+    ):
+        out = tmp_path / f"{name}.png"
+        assert main(["decompress", str(pqm), "-o", str(out), *model, *extra]) == 0
+        outs[name] = np.asarray(Image.open(out))
+    from pqmim_kernels.models import decompress_image, load_model
+
+    tiny, data = load_model(str(model_file)), pqm.read_bytes()
+    assert np.array_equal(outs["s1"], outs["s1b"])
+    assert np.array_equal(outs["greedy"], decompress_image(data, tiny))
+    want = decompress_image(data, tiny, fill="sample", seed=1, temperature=3.0)
+    assert np.array_equal(outs["s1"], want)
+    want = decompress_image(data, tiny, fill="sample", seed=2, iterations=3, temperature=3.0)
+    assert np.array_equal(outs["s2"], want)
+    # (the tiny model's decoder maps the differing codes to nearly equal pixels, so the images
+    # are compared with the library's, not with each other; test_sampling.py checks the codes)
+    capsys.readouterr()
+    bad = ["decompress", str(pqm), "-o", str(tmp_path / "x.png"), "--model", str(model_file)]
+    assert main([*bad, "--fill", "sample", "--seed", "-3"]) == 1
+    assert capsys.readouterr().err == (
+        "pqmim decompress: error: seed must be a non-negative int, got -3\n"
+    )
+    assert not (tmp_path / "x.png").exists()

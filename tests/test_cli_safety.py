@@ -227,10 +227,14 @@ def test_impossible_byte_budget_fails_before_encoding(tmp_path, model_file, caps
 def test_budget_above_the_bound_but_below_one_stage(tmp_path, model_file, capsys):
     big = tmp_path / "big.png"
     Image.fromarray(np.zeros((300, 500, 3), np.uint8)).save(big)
-    assert _compress(big, "--max-bytes", 20, model_file=model_file) == 1
+    assert _compress(big, "--no-downscale", "--max-bytes", 20, model_file=model_file) == 1
     err = _err(capsys)
-    assert err.startswith("pqmim compress: error: compress_image: even one coding stage needs ")
-    assert err.endswith(" bytes, over max_bytes=20") and not (tmp_path / "big.pqm").exists()
+    assert err.startswith("pqmim compress: error: nothing fits in max_bytes=20: the smallest file")
+    assert not (tmp_path / "big.pqm").exists()
+    # allowed to shrink the image, the same budget fits (a warning says what it holds)
+    assert _compress(big, "--max-bytes", 20, model_file=model_file) == 0
+    assert "pqmim compress: warning: --max-bytes 20 holds " in capsys.readouterr().err
+    assert (tmp_path / "big.pqm").stat().st_size <= 20
 
 
 def test_lower_bound_is_a_lower_bound(tmp_path, model_file):

@@ -272,16 +272,47 @@ def test_probability_mismatch_is_detected(model):
         drift.decompress(data)
 
 
+def test_byte_budget_with_downscaling_picks_the_better_psnr(model):
+    """When no complete full-resolution file fits, the best partial file competes with the
+    complete file of the shrunk image, and the decode with the higher PSNR wins; a budget below
+    every full-resolution stage still fits a shrunk image."""
+    from pqmim_kernels.models import BudgetFit, _fit_psnr
+
+    img = (_image(96, 128, seed=4)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    full = len(compress_image(img, model))
+    shrunk = [model.compress(x, downscale=k) for k in (1, 2, 3)]
+    assert [len(d) for d in shrunk] == sorted((len(d) for d in shrunk), reverse=True)
+    budget = full - 1
+    got = compress_image(img, model, max_bytes=budget)
+    partial = compress_image(img, model, max_bytes=budget, downscale=False)
+    first = next(d for d in shrunk if len(d) <= budget)
+    want = max(
+        (first, partial),
+        key=lambda d: _fit_psnr(BudgetFit(d, model, None, 0), x),
+    )
+    assert got == want
+    one_stage = len(compress_image(img, model, stages=1))
+    if len(shrunk[-1]) < one_stage:
+        tight = compress_image(img, model, max_bytes=one_stage - 1)
+        assert fmt.unpack(tight)[0].downscale > 0 and len(tight) < one_stage
+        assert model.decompress(tight).shape == (1, 3, 96, 128)
+
+
 def test_byte_budget_picks_the_last_stage_that_fits(model):
     img = (_image(96, 128, seed=4)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     sizes = [len(compress_image(img, model, stages=s)) for s in range(1, TINY.stages + 1)]
     assert sizes == sorted(sizes)
     for s in range(1, TINY.stages + 1):
         for budget in (sizes[s - 1], (sizes[s] - 1) if s < TINY.stages else 10**6):
-            data = compress_image(img, model, max_bytes=budget)
+            data = compress_image(img, model, max_bytes=budget, downscale=False)
             assert data == compress_image(img, model, stages=s), (s, budget)
-    with pytest.raises(ValueError, match=f"even one coding stage needs {sizes[0]} bytes"):
-        compress_image(img, model, max_bytes=sizes[0] - 1)
+    with pytest.raises(
+        ValueError,
+        match=f"nothing fits in max_bytes={sizes[0] - 1}: the smallest file, one coding stage of "
+        f"the model, is {sizes[0]} bytes",
+    ):
+        compress_image(img, model, max_bytes=sizes[0] - 1, downscale=False)
     with pytest.raises(ValueError, match="give stages or max_bytes, not both"):
         compress_image(img, model, stages=2, max_bytes=1000)
     with pytest.raises(ValueError, match="max_bytes must be a positive int, got 0"):

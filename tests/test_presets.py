@@ -207,18 +207,19 @@ def test_max_bytes_search_over_presets_and_stages(registry, image):
         want = _oracle(sizes, budget)
         if want is None:
             with pytest.raises(ValueError) as exc:
-                compress_to_fit(image, budget)
+                compress_to_fit(image, budget, downscale=False)
             assert str(exc.value) == (
                 f"nothing fits in max_bytes={budget}: the smallest file, one coding stage of "
                 f"preset {registry[0].label()}, is {sizes[1][0]} bytes"
             )
             continue
-        fit = compress_to_fit(image, budget)
+        fit = compress_to_fit(image, budget, downscale=False)
         assert (fit.preset.quality, fit.stages_sent) == want, budget
         assert len(fit.data) == sizes[want[0]][want[1] - 1] <= budget
         assert pqm_format.unpack(fit.data)[0].model_id == models[want[0]].model_id()
         assert fit.model.model_id() == models[want[0]].model_id()
-        assert compress_image(image, max_bytes=budget) == fit.data  # model=None searches too
+        # model=None searches too
+        assert compress_image(image, max_bytes=budget, downscale=False) == fit.data
         picked.add((want[0], want[1] == 6))
     # the budgets reach every case: both complete files and partial files
     assert {(1, True), (2, True), (1, False)} <= picked
@@ -226,7 +227,7 @@ def test_max_bytes_search_over_presets_and_stages(registry, image):
     # of the bigger one
     assert _oracle(sizes, sizes[2][-1] - 1) == (1, 6)
     # one preset only (what --quality 2 --max-bytes B searches)
-    fit = compress_to_fit(image, sizes[2][2], [registry[1]])
+    fit = compress_to_fit(image, sizes[2][2], [registry[1]], downscale=False)
     assert (fit.preset.name, fit.stages_sent) == ("big", 3)
     with pytest.raises(ValueError, match="max_bytes must be a positive int, got 0"):
         compress_to_fit(image, 0)
@@ -266,7 +267,7 @@ def test_cli_quality_errors(registry, photo, model_files, capsys):
 def test_cli_max_bytes_searches_presets(registry, photo, image, capsys):
     sizes = {q: _sizes(load_model(n), image) for q, n in ((1, "small"), (2, "big"))}
     out = photo.with_suffix(".pqm")
-    base = ["compress", str(photo), "-f", "--max-bytes"]
+    base = ["compress", str(photo), "-f", "--no-downscale", "--max-bytes"]
     assert main([*base, str(sizes[2][-1] - 1)]) == 0  # big does not fit whole: small does
     captured = capsys.readouterr()
     assert out.stat().st_size == sizes[1][-1] and captured.err == ""

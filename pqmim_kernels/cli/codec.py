@@ -261,6 +261,13 @@ def register(subparsers) -> None:
         "coding stages, the decoder fills the rest) that codes the most of the image; with "
         "them, as many stages of that model as fit. A warning says when not all stages fit",
     )
+    c.add_argument(
+        "--no-downscale",
+        action="store_true",
+        help="with --max-bytes: only full-resolution files (by default, when no complete file "
+        "fits, a complete file of the image shrunk 2, 4 or 8 times competes with the partial "
+        "file, and the better PSNR wins)",
+    )
     _common(c, "the default preset; see --quality and --max-bytes")
     c.set_defaults(func=run_compress)
     d = subparsers.add_parser(
@@ -278,6 +285,21 @@ def register(subparsers) -> None:
     )
     d.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     d.add_argument("--original", help="original image: print the PSNR against it")
+    d.add_argument(
+        "--fill",
+        choices=("greedy", "sample"),
+        default="greedy",
+        help="how the decoder fills the coding stages a partial file does not send: the most "
+        "likely codes, or MaskGIT-style sampling (a plausible image; another --seed gives "
+        "another one)",
+    )
+    d.add_argument("--seed", type=int, default=0, help="--fill sample: random seed (>= 0)")
+    d.add_argument(
+        "--iterations", type=_positive_int, default=8, help="--fill sample: sampling rounds"
+    )
+    d.add_argument(
+        "--temperature", type=float, default=1.0, help="--fill sample: temperature (0.05..20)"
+    )
     _common(d, "the bundled preset that made the file, found by the model id in its header")
     d.set_defaults(func=run_decompress)
 
@@ -375,15 +397,18 @@ def run_compress(args) -> int:
     t0 = time.perf_counter()
     if preset is not None and args.max_bytes is not None:
         data, model, preset, _ = compress_to_fit(
-            img, args.max_bytes, candidates, device=args.device
+            img, args.max_bytes, candidates, device=args.device, downscale=not args.no_downscale
         )
     else:
-        data = compress_image(img, model, stages=args.stages, max_bytes=args.max_bytes)
+        data = compress_image(
+            img, model, stages=args.stages, max_bytes=args.max_bytes,
+            downscale=not args.no_downscale,
+        )  # fmt: skip
     dt = time.perf_counter() - t0
     total = model.config.stages
     write_output(out, data, args.force)
-    sent = _stages_sent(data)
-    if sent == total:
+    sent, shrunk = _stages_sent(data), _downscale(data)
+    if sent == total and not shrunk:
         # Decoding is bit-exact in the codes, so the decoder's image is the conv decoder applied
         # to the encoder's codes: no entropy decoding needed for the PSNR.
         recon = _reconstruct(img, model)
@@ -394,12 +419,19 @@ def run_compress(args) -> int:
         f"{src} ({w}x{h}) -> {out}: {len(data)} bytes, "
         f"{8 * len(data) / (h * w):.4f} bpp, encode {dt:.3f} s, PSNR {quality:.2f} dB"
         + ("" if sent == total else f" ({sent} of {total} stages)")
+        + ("" if not shrunk else f" (image shrunk {1 << shrunk}x)")
         + ("" if preset is None else f", quality {preset.quality} (preset {preset.name})")
     )
     if args.max_bytes is not None and sent < total:
         print(
             f"pqmim compress: warning: --max-bytes {args.max_bytes} holds only {sent} of {total} "
             f"coding stages; the decoder predicts the rest (PSNR {quality:.2f} dB)",
+            file=sys.stderr,
+        )
+    elif args.max_bytes is not None and shrunk:
+        print(
+            f"pqmim compress: warning: --max-bytes {args.max_bytes} holds the image only shrunk "
+            f"{1 << shrunk}x; the decoder enlarges it (PSNR {quality:.2f} dB)",
             file=sys.stderr,
         )
     return 0
@@ -410,6 +442,13 @@ def _stages_sent(data: bytes) -> int:
     from pqmim_kernels.coding import pqm_format
 
     return pqm_format.unpack(data)[0].stages_sent
+
+
+def _downscale(data: bytes) -> int:
+    """The downscale exponent of a ``.pqm`` file (0: full resolution)."""
+    from pqmim_kernels.coding import pqm_format
+
+    return pqm_format.unpack(data)[0].downscale
 
 
 def _reconstruct(img: np.ndarray, model) -> np.ndarray:
@@ -450,7 +489,10 @@ def run_decompress(args) -> int:
         _check_device(args)
         model = model_for_file(data, device=args.device)[0]
     t0 = time.perf_counter()
-    img = decompress_image(data, model)
+    img = decompress_image(
+        data, model, fill=args.fill, seed=args.seed, iterations=args.iterations,
+        temperature=args.temperature,
+    )  # fmt: skip
     dt = time.perf_counter() - t0
     write_output(out, encode_image(img, out.suffix), args.force)
     h, w = img.shape[:2]

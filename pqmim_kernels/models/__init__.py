@@ -151,6 +151,7 @@ def compress_image(
     *,
     stages: int | None = None,
     max_bytes: int | None = None,
+    downscale: bool = True,
 ) -> bytes:
     """uint8 (H, W, 3) RGB -> ``.pqm`` bytes.
 
@@ -168,17 +169,8 @@ def compress_image(
         raise ValueError("compress_image: give stages or max_bytes, not both")
     _check_budget(max_bytes)
     if model is None:
-        return compress_to_fit(img, max_bytes).data
-    data = model.compress(x)
-    if len(data) <= max_bytes:
-        return data
-    data, _, smallest = _fit_stages(model, x, max_bytes, len(data))
-    if data is None:
-        raise ValueError(
-            f"compress_image: even one coding stage needs {smallest} bytes, over max_bytes="
-            f"{max_bytes}"
-        )
-    return data
+        return compress_to_fit(img, max_bytes, downscale=downscale).data
+    return _fit(x, max_bytes, [(None, model)], downscale).data
 
 
 def _check_budget(max_bytes) -> None:
@@ -187,18 +179,20 @@ def _check_budget(max_bytes) -> None:
 
 
 def _fit_stages(
-    model: PQMIM, x: torch.Tensor, max_bytes: int, full_size: int
+    model: PQMIM, x: torch.Tensor, max_bytes: int, full_size: int, downscale: int = 0
 ) -> tuple[bytes | None, int, int]:
     """The most stages short of all whose file fits in ``max_bytes`` (the complete file, of
     ``full_size`` bytes, does not): ``(data or None, stages, bytes of the smallest file tried)``.
 
     File size grows with the stages sent: binary search, the image encoded once."""
+    from pqmim_kernels.models.codec import shrink
+
     size = (int(x.shape[2]), int(x.shape[3]))
-    codes = model.encode_codes(x.to(model._device()))[0]
+    codes = model.encode_codes(shrink(x, downscale).to(model._device()))[0]
     lo, hi, best, sent, smallest = 1, model.config.stages - 1, None, 0, full_size
     while lo <= hi:
         mid = (lo + hi) // 2
-        data = model.compress_codes(codes, size, stages=mid)
+        data = model.compress_codes(codes, size, stages=mid, downscale=downscale)
         if len(data) <= max_bytes:
             best, sent, lo = data, mid, mid + 1
         else:
@@ -222,62 +216,122 @@ def compress_to_fit(
     candidates: Sequence[presets.Preset] | None = None,
     *,
     device: str = "cpu",
+    downscale: bool = True,
 ) -> BudgetFit:
     """The file within ``max_bytes`` bytes that codes the most of the image, over presets and
-    stages (``candidates``: default every preset of the registry).
+    stages (``candidates``: default every preset of the registry); ``downscale=False`` leaves
+    out the downscaled files (only full-resolution files, complete or partial).
 
     The rule: a **complete** file (all stages) of the **highest quality** that fits; if no
-    complete file fits, the **partial** file that codes the most tokens of the image, over
-    every candidate and stage count (ties: the higher quality). Why complete files first: the
-    decoder fills unsent tokens with predicted codes, which costs far more than a step down in
-    quality (the first default model on Kodak: 23.6 dB with all 10 stages, 18.5 dB with 8).
-    Search order: complete files from the best quality down, stopping at the first that fits
-    (one compression per candidate tried); only if none fits, for each candidate the most
-    stages that fit (binary search; the image is encoded once per model).
+    complete file fits, the better (by the PSNR of its decode, greedy fill) of two files: the
+    **partial** file that codes the most tokens of the image, over every candidate and stage
+    count (ties: the higher quality), and the **complete file of a downscaled image** (the
+    least downscale, then the highest quality, that fits; PQM_FORMAT.md "Downscale"). When
+    neither exists, the partial file of the 8x downscaled image that codes the most tokens. Why
+    complete files first: the decoder fills unsent tokens with predicted codes, which costs far
+    more than a step down in quality (the first default model on Kodak: 23.6 dB with all 10
+    stages, 18.5 dB with 8). Search order: complete files from the best quality down, stopping
+    at the first that fits (one compression per candidate tried); only if none fits, for each
+    candidate the most stages that fit (binary search; the image is encoded once per model),
+    then complete downscaled files.
 
-    Raises ``ValueError`` if even one coding stage of every candidate is over the budget.
+    Raises ``ValueError`` if even one coding stage of every candidate at 8x downscale is over
+    the budget.
     """
     _check_budget(max_bytes)
     x = _as_tensor(img)
     order = sorted(candidates or presets.registry(), key=lambda p: p.quality, reverse=True)
+    models = [(preset, preset_model(preset, device)) for preset in order]
+    return _fit(x, max_bytes, models, downscale)
+
+
+def _fit(x: torch.Tensor, max_bytes: int, entries, downscale: bool = True) -> BudgetFit:
+    """:func:`compress_to_fit`'s rule over ``entries``: ``(preset or None, model)`` pairs, best
+    quality first."""
+    from pqmim_kernels.coding.pqm_format import MAX_DOWNSCALE
+    from pqmim_kernels.models.schedule import stage_bounds
+
     loaded = []
-    for preset in order:
-        model = preset_model(preset, device)
+    for preset, model in entries:
         data = model.compress(x)
         if len(data) <= max_bytes:
             return BudgetFit(data, model, preset, model.config.stages)
         loaded.append((preset, model, len(data)))
-    from pqmim_kernels.models.codec import DOWNSAMPLING
-    from pqmim_kernels.models.schedule import stage_bounds
 
-    tokens = -(-int(x.shape[2]) // DOWNSAMPLING) * -(-int(x.shape[3]) // DOWNSAMPLING)
-    best, best_tokens, smallest = None, -1, None
-    for preset, model, full_size in loaded:  # best quality first: a tie keeps the higher one
-        data, sent, size = _fit_stages(model, x, max_bytes, full_size)
-        if data is None:
-            if smallest is None or size < smallest[0]:
-                smallest = (size, preset)
-            continue
-        coded = int(stage_bounds(tokens, model.config.stages)[sent])
-        if coded > best_tokens:
-            best, best_tokens = BudgetFit(data, model, preset, sent), coded
-    if best is None:
+    def most_tokens(downscale: int):
+        best, best_tokens, smallest = None, -1, None
+        for preset, model, full in loaded:  # best quality first: a tie keeps the higher one
+            if downscale:
+                full = len(model.compress(x, downscale=downscale))
+            data, sent, size = _fit_stages(model, x, max_bytes, full, downscale)
+            if data is None:
+                if smallest is None or size < smallest[0]:
+                    smallest = (size, preset)
+                continue
+            h, w = _coded_tokens(data)
+            coded = int(stage_bounds(h * w, model.config.stages)[sent])
+            if coded > best_tokens:
+                best, best_tokens = BudgetFit(data, model, preset, sent), coded
+        return best, smallest
+
+    partial, smallest = most_tokens(0)
+    shrunk = _fit_downscaled(loaded, x, max_bytes) if downscale else None
+    if partial is not None and shrunk is not None:
+        return max((shrunk, partial), key=lambda fit: _fit_psnr(fit, x))
+    if partial is not None or shrunk is not None:
+        return partial or shrunk
+    how = ""
+    if downscale:  # last resort: part of the 8x shrunk image
+        partial, smallest = most_tokens(MAX_DOWNSCALE)
+        how = f" with the image shrunk {1 << MAX_DOWNSCALE}x"
+    if partial is None:
         size, preset = smallest
+        what = f"preset {preset.label()}" if preset is not None else "the model"
         raise ValueError(
             f"nothing fits in max_bytes={max_bytes}: the smallest file, one coding stage of "
-            f"preset {preset.label()}, is {size} bytes"
+            f"{what}{how}, is {size} bytes"
         )
-    return best
+    return partial
 
 
-def decompress_image(data: bytes, model: PQMIM | None = None) -> np.ndarray:
+def _coded_tokens(data: bytes) -> tuple[int, int]:
+    """The token grid ``(h, w)`` a ``.pqm`` file codes (its coded size over 16)."""
+    from pqmim_kernels.coding import pqm_format
+    from pqmim_kernels.models.codec import DOWNSAMPLING
+
+    ch, cw = pqm_format.unpack(data)[0].coded_size
+    return -(-ch // DOWNSAMPLING), -(-cw // DOWNSAMPLING)
+
+
+def _fit_downscaled(loaded, x: torch.Tensor, max_bytes: int) -> BudgetFit | None:
+    """The complete file of the least downscaled image, best quality first, within the budget."""
+    from pqmim_kernels.coding.pqm_format import MAX_DOWNSCALE
+
+    for k in range(1, MAX_DOWNSCALE + 1):
+        for preset, model, _ in loaded:
+            data = model.compress(x, downscale=k)
+            if len(data) <= max_bytes:
+                return BudgetFit(data, model, preset, model.config.stages)
+    return None
+
+
+def _fit_psnr(fit: BudgetFit, x: torch.Tensor) -> float:
+    """PSNR (dB) of a candidate file's decode (greedy fill) against the image ``x``."""
+    y = fit.model.decompress(fit.data).cpu()
+    mse = float(((y * 255).round() / 255 - x).pow(2).mean())
+    return float("inf") if mse == 0 else -10.0 * float(np.log10(mse))
+
+
+def decompress_image(data: bytes, model: PQMIM | None = None, **fill_options) -> np.ndarray:
     """``.pqm`` bytes -> uint8 (H, W, 3) RGB.
 
     ``model=None``: the preset whose model id the file's header names (the default preset is
     tried first; each preset is loaded once per process). Raises ``ValueError`` if no preset
-    made the file.
+    made the file. ``fill_options`` (``fill="sample"``, ``seed``, ``iterations``,
+    ``temperature``): how a partial file's missing stages are filled, see
+    :meth:`PQMIM.decompress_codes`.
     """
-    x = (model or model_for_file(data)[0]).decompress(data)
+    x = (model or model_for_file(data)[0]).decompress(data, **fill_options)
     return (x[0].permute(1, 2, 0).cpu() * 255.0).round().to(torch.uint8).numpy()
 
 
