@@ -264,6 +264,11 @@ class PQMIM(nn.Module):
         bad = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
         if bad:
             raise ValueError(f"integer entropy model does not match the model config: {bad}")
+        # stored files may hold narrower integers (int32 tables, see int_state); compute in int64
+        tensors = {
+            k: v.to(torch.int64) if v.dtype in (torch.int16, torch.int32) else v
+            for k, v in tensors.items()
+        }
         model = IntMIM(tensors, meta)
         self._int_tensors = {k: v.detach().cpu().clone() for k, v in tensors.items()}
         self._int_meta = dict(meta)
@@ -284,10 +289,18 @@ class PQMIM(nn.Module):
         return self._int_model
 
     def int_state(self) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """``(tensors, meta)`` of the integer entropy model (for saving), or None."""
+        """``(tensors, meta)`` of the integer entropy model (for saving), or None. int64 tensors
+        whose values fit are given as int32 (the embedding tables are most of the model: half
+        the file size); loading widens them back, so the integers are the same."""
         if self._int_tensors is None:
             return None
-        return self._int_tensors, dict(self._int_meta)
+        small = {}
+        for k, v in self._int_tensors.items():
+            fits = v.dtype == torch.int64 and (
+                v.numel() == 0 or int(v.abs().max()) < (1 << 31) - 1
+            )
+            small[k] = v.to(torch.int32) if fits else v
+        return small, dict(self._int_meta)
 
     # ---- coding ----
 
