@@ -293,6 +293,13 @@ def register(subparsers) -> None:
         "likely codes, or MaskGIT-style sampling (a plausible image; another --seed gives "
         "another one)",
     )
+    d.add_argument(
+        "--decoder",
+        choices=("mse", "perceptual"),
+        default="mse",
+        help="the synthesis transform: trained for PSNR, or the adversarially fine-tuned one "
+        "(sharper; needs a model with a perceptual decoder, see `pqmim finetune-perceptual`)",
+    )
     d.add_argument("--seed", type=int, default=0, help="--fill sample: random seed (>= 0)")
     d.add_argument(
         "--iterations", type=_positive_int, default=8, help="--fill sample: sampling rounds"
@@ -491,7 +498,7 @@ def run_decompress(args) -> int:
     t0 = time.perf_counter()
     img = decompress_image(
         data, model, fill=args.fill, seed=args.seed, iterations=args.iterations,
-        temperature=args.temperature,
+        temperature=args.temperature, decoder=args.decoder,
     )  # fmt: skip
     dt = time.perf_counter() - t0
     write_output(out, encode_image(img, out.suffix), args.force)

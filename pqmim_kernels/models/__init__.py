@@ -71,6 +71,11 @@ def save_model(model: PQMIM, path: str | os.PathLike, *, half: bool = True, extr
     int_state = model.int_state()
     if int_state is not None:
         blob["int_entropy_model"] = {"tensors": int_state[0], "meta": int_state[1]}
+    if model.perceptual_decoder is not None:
+        blob["perceptual_decoder"] = {
+            k: v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu()
+            for k, v in model.perceptual_decoder.state_dict().items()
+        }
     torch.save(blob, str(path))
 
 
@@ -113,6 +118,12 @@ def load_model(name_or_path: str = "default", device: str = "cpu") -> PQMIM:
     if "int_entropy_model" in blob:
         im = blob["int_entropy_model"]
         model.set_int_entropy_model(im["tensors"], im["meta"])
+    if "perceptual_decoder" in blob:
+        from pqmim_kernels.models.pqvae import Decoder
+
+        dec = Decoder.from_config(model.config)
+        dec.load_state_dict({k: v.float() for k, v in blob["perceptual_decoder"].items()})
+        model.perceptual_decoder = dec.eval()
     model.training_info = blob.get("extra", {})
     return model.to(device).eval()
 
@@ -329,7 +340,7 @@ def decompress_image(data: bytes, model: PQMIM | None = None, **fill_options) ->
     tried first; each preset is loaded once per process). Raises ``ValueError`` if no preset
     made the file. ``fill_options`` (``fill="sample"``, ``seed``, ``iterations``,
     ``temperature``): how a partial file's missing stages are filled, see
-    :meth:`PQMIM.decompress_codes`.
+    :meth:`PQMIM.decompress_codes`; ``decoder="perceptual"``: the perceptual g_s.
     """
     x = (model or model_for_file(data)[0]).decompress(data, **fill_options)
     return (x[0].permute(1, 2, 0).cpu() * 255.0).round().to(torch.uint8).numpy()

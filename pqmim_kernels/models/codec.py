@@ -162,6 +162,10 @@ class PQMIM(nn.Module):
         self._int_tensors: dict[str, torch.Tensor] | None = None
         self._int_meta: dict | None = None
         self._int_model = None
+        # An optional second g_s fine-tuned for perceptual quality on the same codes. Not a
+        # registered sub-module: it is not in the state dict, so adding one to a model file
+        # keeps its model id (every .pqm file it wrote still decodes, with either decoder).
+        self.perceptual_decoder = None
         # Backend of the integer entropy model (functional.int_session): every backend gives
         # the same integers; "auto" = the C++ engine on the CPU when built, the torch spec else.
         self.int_backend = "auto"
@@ -198,20 +202,48 @@ class PQMIM(nn.Module):
             self.quantizer.pinned = pinned
 
     def decode_codes(
-        self, codes: torch.Tensor, size: tuple[int, int] | None = None
+        self, codes: torch.Tensor, size: tuple[int, int] | None = None, decoder: str = "mse"
     ) -> torch.Tensor:
         """codes (B, h, w, M) int -> image (B, 3, H, W) float32 clamped to [0, 1].
 
-        ``size`` = (H, W) crops the 16h × 16w output (default: no crop).
+        ``size`` = (H, W) crops the 16h × 16w output (default: no crop). ``decoder``: ``"mse"``
+        (g_s, trained for PSNR) or ``"perceptual"`` (the adversarially fine-tuned g_s of
+        :mod:`pqmim_kernels.models.perceptual`, when the model file has one).
         """
+        net = self._synthesis(decoder)
         b, h, w, m = codes.shape
         with torch.no_grad():
             y = self.quantizer.get_output_from_indices(codes.reshape(b, h * w, m).long())
             y = y.reshape(b, h, w, -1).permute(0, 3, 1, 2).float()
-            x = _tiled(self.decoder, y, 1, DOWNSAMPLING)
+            x = _tiled(net, y, 1, DOWNSAMPLING)
         if size is not None:
             x = x[..., : size[0], : size[1]]
         return x.clamp(0.0, 1.0)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "perceptual_decoder":  # kept out of _modules, hence out of the state dict
+            self.__dict__["_perceptual_decoder"] = value
+            return
+        super().__setattr__(name, value)
+
+    @property
+    def perceptual_decoder(self) -> nn.Module | None:
+        """The perceptual g_s (a :class:`~pqmim_kernels.models.pqvae.Decoder`) or None."""
+        return self.__dict__.get("_perceptual_decoder")
+
+    def _synthesis(self, decoder: str) -> nn.Module:
+        if decoder == "mse":
+            return self.decoder
+        if decoder != "perceptual":
+            raise ValueError(f"decoder must be 'mse' or 'perceptual', got {decoder!r}")
+        if self.perceptual_decoder is None:
+            raise ValueError(
+                "this model has no perceptual decoder (train one with `pqmim finetune-perceptual`"
+                " or use decoder='mse')"
+            )
+        if next(self.perceptual_decoder.parameters()).device != self._device():
+            self.perceptual_decoder.to(self._device())
+        return self.perceptual_decoder
 
     # ---- training contract ----
 
@@ -563,12 +595,16 @@ class PQMIM(nn.Module):
     ) -> torch.Tensor:
         """Bytes of a ``.pqm`` file -> image (1, 3, H, W) float32 in [0, 1] (on the model's
         device). Errors, ``max_pixels`` and the fill options (``fill``, ``seed``, ``iterations``,
-        ``temperature``) as in :meth:`decompress_codes`."""
+        ``temperature``) as in :meth:`decompress_codes`; ``decoder="perceptual"`` as in
+        :meth:`decode_codes`."""
+        decoder = fill_options.pop("decoder", "mse")
+        self._synthesis(decoder)  # a bad or missing decoder fails before the entropy decoding
         codes, size = self.decompress_codes(data, max_pixels, **fill_options)
         header, _ = pqm_format.unpack(data)
         if header.downscale == 0:
-            return self.decode_codes(codes, size)
-        return enlarge(self.decode_codes(codes, header.coded_size), header.downscale, size)
+            return self.decode_codes(codes, size, decoder)
+        coded = self.decode_codes(codes, header.coded_size, decoder)
+        return enlarge(coded, header.downscale, size)
 
     @torch.no_grad()
     def estimate_bits(self, x: torch.Tensor) -> tuple[float, float]:

@@ -1,0 +1,58 @@
+"""``pqmim finetune-perceptual``: add a perceptual decoder to a model file (issue 13).
+
+Fine-tunes a copy of the model's g_s with an adversarial loss on random crops of a folder of
+photos (:mod:`pqmim_kernels.models.perceptual`) and writes the model with it to ``--out``. The
+codes do not change, so the new file has the same model id and decodes every ``.pqm`` file the
+old one wrote, with ``pqmim decompress --decoder perceptual`` or the MSE decoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "finetune-perceptual",
+        help="add a perceptual (adversarially fine-tuned) decoder to a model file",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="default", help="a preset name or a model file")
+    p.add_argument("--data", default="../shared/data/train", help="folder of training photos")
+    p.add_argument("--out", required=True, help="the model file to write (with the decoder)")
+    p.add_argument("--steps", type=int, default=2000, help="fine-tuning steps")
+    p.add_argument("--minutes", type=float, default=0.0, help="CPU-minutes budget (0 = none)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--crop", type=int, default=192, help="crop side (multiple of 16)")
+    p.add_argument("--adv-weight", type=float, default=0.01, help="weight of the GAN loss")
+    p.add_argument("--max-images", type=int, default=0, help="use the first N photos (0 = all)")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite an existing --out")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from pqmim_kernels.cli.codec import check_output
+    from pqmim_kernels.models import load_model, save_model
+    from pqmim_kernels.models.perceptual import PerceptualConfig, train_perceptual
+    from pqmim_kernels.models.train import load_images, split_holdout
+
+    if args.crop < 16 or args.crop % 16:
+        raise ValueError(f"--crop must be a positive multiple of 16, got {args.crop}")
+    check_output(args.out, [], args.force)
+    model = load_model(args.model)
+    images, _ = split_holdout(load_images(args.data, args.max_images), 10)
+    cfg = PerceptualConfig(
+        steps=args.steps,
+        minutes=args.minutes,
+        batch_size=args.batch_size,
+        crop=args.crop,
+        adv_weight=args.adv_weight,
+    )
+    model.perceptual_decoder = train_perceptual(model, images, cfg)
+    options = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool))}
+    save_model(model, Path(args.out), extra={**model.training_info, "perceptual": options})
+    print(f"pqmim finetune-perceptual: wrote {args.out} (model id {model.model_id().hex()})")
+    return 0

@@ -1,0 +1,156 @@
+"""A perceptual decoder: a second synthesis transform g_s fine-tuned with an adversarial loss on
+the same codes (PQMIM.md §2 "perceptual variant", issue 13).
+
+The codes, and therefore every ``.pqm`` file, do not change: the perceptual decoder reads the
+files the MSE decoder reads (``pqmim decompress --decoder perceptual``). It starts from the MSE
+decoder's weights and trains on random crops of training photos with
+
+    loss = MSE + adv_weight * non-saturating GAN loss + fm_weight * feature matching
+
+against a PatchGAN discriminator trained from scratch (nothing pretrained can be downloaded
+here, so there is no LPIPS or VGG term). The encoder, quantizer and entropy model stay frozen.
+
+Measures that need no pretrained network (:func:`sharpness`): the high-frequency energy of the
+decoded image relative to the original's (1.0 = as much fine detail as the original; an MSE
+decoder's blur gives well below 1), next to PSNR and MS-SSIM.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["PatchDiscriminator", "PerceptualConfig", "sharpness", "train_perceptual"]
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN discriminator: (B, 3, H, W) in [0, 1] -> (B, 1, H/16, W/16) real/fake logits of
+    overlapping patches (receptive field ~94 px). Spectral norm on every conv keeps it smooth,
+    which stabilises training from scratch on few images."""
+
+    def __init__(self, width: int = 32, layers: int = 4) -> None:
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        mods, c = [], 3
+        for i in range(layers):
+            out = width * 2 ** min(i, 3)
+            mods += [sn(nn.Conv2d(c, out, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+            c = out
+        mods.append(sn(nn.Conv2d(c, 1, 3, padding=1)))
+        self.net = nn.Sequential(*mods)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Activations after every LeakyReLU (for the feature-matching loss) and the logits."""
+        feats, h = [], x - 0.5
+        for mod in self.net:
+            h = mod(h)
+            if isinstance(mod, nn.LeakyReLU):
+                feats.append(h)
+        return [*feats, h]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x - 0.5)
+
+
+@dataclasses.dataclass
+class PerceptualConfig:
+    """Options of :func:`train_perceptual`."""
+
+    steps: int = 2000
+    minutes: float = 0.0  # CPU-minutes budget (0 = none); the first budget spent ends it
+    batch_size: int = 4
+    crop: int = 192
+    lr: float = 1e-4
+    lr_d: float = 2e-4
+    adv_weight: float = 0.01
+    fm_weight: float = 1.0
+    warmup: int = 100  # discriminator-only steps before the decoder sees the GAN loss
+    seed: int = 0
+    log_every: int = 50
+
+
+def sharpness(x_hat: torch.Tensor, x: torch.Tensor) -> float:
+    """High-frequency energy of ``x_hat`` relative to ``x`` (both (B, 3, H, W) in [0, 1]):
+    ``sum(lap(x_hat)^2) / sum(lap(x)^2)`` with the 3x3 Laplacian on the luma. 1.0 = the
+    original's amount of fine detail; blur gives < 1, noise or ringing > 1."""
+    k = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
+    w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+
+    def energy(img):
+        luma = (img.float().cpu() * w).sum(1, keepdim=True)
+        return float(F.conv2d(luma, k).pow(2).sum())
+
+    return energy(x_hat) / max(energy(x), 1e-12)
+
+
+def train_perceptual(model, images, cfg: PerceptualConfig, log=print) -> nn.Module:
+    """Fine-tune a copy of ``model.decoder`` adversarially on random crops of ``images``
+    (uint8 (3, H, W) tensors); returns the new decoder (eval mode) and leaves ``model``
+    unchanged. ``log`` gets one-line summaries (also of held-in PSNR and sharpness)."""
+    from pqmim_kernels.models.train import _random_crops
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = next(model.parameters()).device
+    model.eval()
+    g = copy.deepcopy(model.decoder).train()
+    for p in g.parameters():
+        p.requires_grad_(True)
+    d = PatchDiscriminator().to(device).train()
+    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=(0.5, 0.9))
+    c0 = time.process_time()
+    acc = {"mse": 0.0, "adv": 0.0, "d": 0.0, "sharp": 0.0, "n": 0}
+    for step in range(1, cfg.steps + 1):
+        if cfg.minutes and time.process_time() - c0 > 60 * cfg.minutes:
+            break
+        x = _random_crops(images, cfg.crop, cfg.batch_size, gen).to(device)
+        with torch.no_grad():
+            codes = model.encode_codes(x)
+            b, h, w, m = codes.shape
+            y = model.quantizer.get_output_from_indices(codes.reshape(b, h * w, m))
+            y = y.reshape(b, h, w, -1).permute(0, 3, 1, 2).float()
+        x_hat = g(y)
+        # discriminator: real crops vs decoded ones
+        d_real, d_fake = d(x), d(x_hat.detach().clamp(0, 1))
+        loss_d = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        # decoder: MSE + (after the warm-up) non-saturating GAN loss + feature matching
+        mse = F.mse_loss(x_hat, x)
+        loss = mse
+        adv = torch.zeros(())
+        if step > cfg.warmup:
+            fake_feats = d.features(x_hat)
+            with torch.no_grad():
+                real_feats = d.features(x)
+            adv = F.softplus(-fake_feats[-1]).mean()
+            fm = sum(F.l1_loss(a, r) for a, r in zip(fake_feats[:-1], real_feats[:-1]))
+            loss = mse + cfg.adv_weight * adv + cfg.adv_weight * cfg.fm_weight * fm
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+        acc["mse"] += float(mse.detach())
+        acc["adv"] += float(adv.detach())
+        acc["d"] += float(loss_d.detach())
+        acc["sharp"] += sharpness(x_hat.detach().clamp(0, 1), x)
+        acc["n"] += 1
+        if step % cfg.log_every == 0:
+            n = acc["n"]
+            log(
+                f"perceptual step={step} cpu_s={time.process_time() - c0:.0f} "
+                f"psnr={-10 * math.log10(max(acc['mse'] / n, 1e-10)):.2f} "
+                f"adv={acc['adv'] / n:.3f} d_loss={acc['d'] / n:.3f} "
+                f"sharpness={acc['sharp'] / n:.3f}"
+            )
+            acc = {"mse": 0.0, "adv": 0.0, "d": 0.0, "sharp": 0.0, "n": 0}
+    for p in g.parameters():
+        p.requires_grad_(False)
+    return g.eval()

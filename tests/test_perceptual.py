@@ -1,0 +1,113 @@
+"""The perceptual decoder (pqmim_kernels/models/perceptual.py, issue 13): same codes, same files,
+same model id; a second g_s chosen at decode time."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _tiny import make_coding_ready
+from PIL import Image
+
+from pqmim_kernels.cli.main import main
+from pqmim_kernels.models import PQMIM, PQMIMConfig, decompress_image, load_model, save_model
+from pqmim_kernels.models.perceptual import (
+    PatchDiscriminator,
+    PerceptualConfig,
+    sharpness,
+    train_perceptual,
+)
+
+CFG = PQMIMConfig(
+    channels=(8, 8, 8, 8),
+    latent_dim=8,
+    num_subspaces=2,
+    codebook_size=16,
+    mim_width=16,
+    mim_depth=1,
+    mim_heads=2,
+    mim_radius=2,
+    stages=6,
+)
+
+
+def _photos(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, 80, 96), dtype=torch.uint8, generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return make_coding_ready(PQMIM(CFG).eval())
+
+
+def test_sharpness_measures_fine_detail():
+    x = torch.rand(1, 3, 64, 64)
+    assert sharpness(x, x) == pytest.approx(1.0)
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    assert sharpness(blurred, x) < 0.5
+
+
+def test_patch_discriminator_shapes():
+    d = PatchDiscriminator().eval()  # (train mode runs a power iteration per call)
+    x = torch.rand(2, 3, 64, 96)
+    assert d(x).shape == (2, 1, 4, 6)
+    feats = d.features(x)
+    assert len(feats) == 5 and torch.allclose(feats[-1], d(x))
+
+
+def test_perceptual_decoder_reads_the_same_files(model, tmp_path):
+    save_model(model, tmp_path / "m.pt")
+    base = load_model(str(tmp_path / "m.pt"))  # ids are of the stored (fp16) weights
+    before = base.model_id()
+    x = torch.rand(1, 3, 48, 64)
+    data = base.compress(x)
+    dec = train_perceptual(
+        base, _photos(), PerceptualConfig(steps=4, warmup=2, batch_size=2, crop=32, log_every=2),
+        log=lambda s: None,
+    )  # fmt: skip
+    assert not any(p.requires_grad for p in dec.parameters())
+    base.perceptual_decoder = dec
+    assert base.model_id() == before  # not part of the state dict
+    assert not any(k.startswith("perceptual") for k in base.state_dict())
+    save_model(base, tmp_path / "p.pt")
+    loaded = load_model(str(tmp_path / "p.pt"))
+    assert loaded.model_id() == before and loaded.perceptual_decoder is not None
+    mse = loaded.decompress(data)  # the file written before the fine-tuning
+    perc = loaded.decompress(data, decoder="perceptual")
+    assert mse.shape == perc.shape == (1, 3, 48, 64) and not torch.equal(mse, perc)
+
+
+def test_perceptual_decoder_errors(model):
+    data = model.compress(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="this model has no perceptual decoder"):
+        model.decompress(data, decoder="perceptual")
+    with pytest.raises(ValueError, match="decoder must be 'mse' or 'perceptual', got 'gan'"):
+        model.decompress(data, decoder="gan")
+
+
+def test_finetune_perceptual_cli(model, tmp_path, capsys):
+    src = tmp_path / "m.pt"
+    save_model(model, src)
+    data_dir = tmp_path / "photos"
+    data_dir.mkdir()
+    for i, p in enumerate(_photos(2, seed=1)):
+        Image.fromarray(p.permute(1, 2, 0).numpy()).save(data_dir / f"{i}.png")
+    out = tmp_path / "with_perceptual.pt"
+    args = ["finetune-perceptual", "--model", str(src), "--data", str(data_dir), "--out", str(out)]
+    assert main([*args, "--steps", "2", "--batch-size", "1", "--crop", "32"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    loaded = load_model(str(out))
+    same_id = load_model(str(src)).model_id()  # ids are of the stored (fp16) weights
+    assert loaded.perceptual_decoder is not None and loaded.model_id() == same_id
+    assert main([*args, "--steps", "2"]) == 1  # exists: no overwrite without --force
+    assert "exists" in capsys.readouterr().err
+    pqm = tmp_path / "x.pqm"
+    img = np.asarray(Image.open(data_dir / "0.png"))
+    Image.fromarray(img).save(tmp_path / "x.png")
+    assert main(["compress", str(tmp_path / "x.png"), "-o", str(pqm), "--model", str(out)]) == 0
+    dec = tmp_path / "x.out.png"
+    cmd = ["decompress", str(pqm), "-o", str(dec), "--model", str(out), "--decoder", "perceptual"]
+    assert main(cmd) == 0
+    want = decompress_image(pqm.read_bytes(), loaded, decoder="perceptual")
+    assert np.array_equal(np.asarray(Image.open(dec)), want)
