@@ -304,10 +304,67 @@ namespace {
 struct AttScratch {
   std::vector<int64_t> z, kp;
   std::vector<int> off;
-  std::vector<int32_t> num;
-  AttScratch(int side, int head_dim)
-      : z(size_t(side) * side), kp(size_t(side) * side), off(size_t(side) * side), num(head_dim) {}
+  std::vector<int32_t> num, dots;
+  AttScratch(int side, int heads, int head_dim)
+      : z(size_t(side) * side),
+        kp(size_t(side) * side),
+        off(size_t(side) * side),
+        num(head_dim),
+        dots(size_t(side) * side * heads) {}
 };
+
+// dots[j * H + h] = q_h . k_h of the key rows kp[j] (int8 rows of H * Dh; exact int32).
+void key_dots_scalar(const int8_t* q, const int8_t* k_cache, const int64_t* kp, int nk, int heads,
+                     int head_dim, int32_t* dots) {
+  const int stride = heads * head_dim;
+  for (int j = 0; j < nk; ++j) {
+    const int8_t* kr = k_cache + kp[j] * stride;
+    for (int hd = 0; hd < heads; ++hd) {
+      int32_t s = 0;
+      for (int d = 0; d < head_dim; ++d)
+        s += int32_t(q[hd * head_dim + d]) * int32_t(kr[hd * head_dim + d]);
+      dots[size_t(j) * heads + hd] = s;
+    }
+  }
+}
+
+#ifdef PQMIM_X86
+// AVX2 for head_dim a multiple of 32: |k| x (q * sign(k)) with maddubs (pairs of products of
+// int8 magnitudes <= 127: <= 32,258, no int16 saturation), widened by madd with ones.
+__attribute__((target("avx2"))) void key_dots_avx2(const int8_t* q, const int8_t* k_cache,
+                                                   const int64_t* kp, int nk, int heads,
+                                                   int head_dim, int32_t* dots) {
+  const int stride = heads * head_dim;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int j = 0; j < nk; ++j) {
+    const int8_t* kr = k_cache + kp[j] * stride;
+    for (int hd = 0; hd < heads; ++hd) {
+      __m256i acc = _mm256_setzero_si256();
+      for (int d = 0; d < head_dim; d += 32) {
+        const int off = hd * head_dim + d;
+        const __m256i kv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kr + off));
+        const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + off));
+        const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(kv, kv),
+                                                  _mm256_sign_epi8(qv, kv));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(prod, ones));
+      }
+      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+      dots[size_t(j) * heads + hd] = _mm_cvtsi128_si32(s);
+    }
+  }
+}
+#endif
+
+void key_dots(const int8_t* q, const int8_t* k_cache, const int64_t* kp, int nk, int heads,
+              int head_dim, int32_t* dots) {
+#ifdef PQMIM_X86
+  if (head_dim % 32 == 0 && have_avx2())
+    return key_dots_avx2(q, k_cache, kp, nk, heads, head_dim, dots);
+#endif
+  key_dots_scalar(q, k_cache, kp, nk, heads, head_dim, dots);
+}
 
 // One query of window_attention (all heads).
 PQMIM_CLONES void attend_query(int64_t i, const int8_t* q, const int64_t* q_pos,
@@ -334,6 +391,8 @@ PQMIM_CLONES void attend_query(int64_t i, const int8_t* q, const int64_t* q_pos,
       ++nk;
     }
   }
+  // q.k of every visible key and head, (nk, H) int32 (|q.k| < 2^20)
+  key_dots(q + i * stride, k_cache, sc.kp.data(), nk, heads, head_dim, sc.dots.data());
   int64_t* z = sc.z.data();
   int32_t* num = sc.num.data();
   for (int hd = 0; hd < heads; ++hd) {
@@ -342,14 +401,11 @@ PQMIM_CLONES void attend_query(int64_t i, const int8_t* q, const int64_t* q_pos,
       for (int d = 0; d < head_dim; ++d) o[d] = 0;
       continue;
     }
-    const int8_t* qv = q + i * stride + hd * head_dim;
     const int32_t* bh = bias + hd * side * side;
     int64_t zmax = INT64_MIN;
     for (int j = 0; j < nk; ++j) {
-      const int8_t* kv = k_cache + sc.kp[j] * stride + hd * head_dim;
-      int32_t s = 0;
-      for (int d = 0; d < head_dim; ++d) s += int32_t(qv[d]) * int32_t(kv[d]);
-      z[j] = round_shift(int64_t(s) * score_mult, score_shift) + bh[sc.off[j]];
+      z[j] = round_shift(int64_t(sc.dots[size_t(j) * heads + hd]) * score_mult, score_shift) +
+             bh[sc.off[j]];
       zmax = std::max(zmax, z[j]);
     }
     for (int d = 0; d < head_dim; ++d) num[d] = 0;
@@ -403,7 +459,7 @@ void window_attention(const int8_t* q, const int64_t* q_pos, const int64_t* q_li
                       int32_t score_shift, const int32_t* bias, const int64_t* exp_table,
                       int32_t* out, int num_threads) {
   parallel_for(nq, num_threads, 16, [&](int64_t begin, int64_t end) {
-    AttScratch sc(2 * radius + 1, head_dim);
+    AttScratch sc(2 * radius + 1, heads, head_dim);
     for (int64_t i = begin; i < end; ++i)
       attend_query(i, q, q_pos, q_limit, k_cache, v_cache, key_stage, h, w, heads, head_dim,
                    radius, score_mult, score_shift, bias, exp_table, out, sc);
