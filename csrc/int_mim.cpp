@@ -113,7 +113,35 @@ __attribute__((target("avx2"))) void gemm_avx2(const Linear& L, const int16_t* a
     const int32_t* ap[4];
     for (int j = 0; j < 4; ++j)
       ap[j] = reinterpret_cast<const int32_t*>(a + (r0 + std::min(j, nr - 1)) * L.din_pad);
-    for (int o = 0; o < dvec; o += 8) {
+    int o = 0;
+    for (; o + 16 <= dvec; o += 16) {  // 4 rows x 16 outputs: each broadcast feeds two madds
+      __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+      __m256i b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+      for (int i = 0; i < pairs; ++i) {
+        const int32_t* row = wp + size_t(i) * dout + o;
+        const __m256i wa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+        const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 8));
+        __m256i x = _mm256_set1_epi32(ap[0][i]);
+        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(x, wa));
+        b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(x, wb));
+        x = _mm256_set1_epi32(ap[1][i]);
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(x, wa));
+        b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(x, wb));
+        x = _mm256_set1_epi32(ap[2][i]);
+        a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(x, wa));
+        b2 = _mm256_add_epi32(b2, _mm256_madd_epi16(x, wb));
+        x = _mm256_set1_epi32(ap[3][i]);
+        a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(x, wa));
+        b3 = _mm256_add_epi32(b3, _mm256_madd_epi16(x, wb));
+      }
+      const __m256i av[4] = {a0, a1, a2, a3}, bv[4] = {b0, b1, b2, b3};
+      for (int j = 0; j < nr; ++j) {
+        int32_t* dst = acc + (r0 + j) * dout + o;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), av[j]);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 8), bv[j]);
+      }
+    }
+    for (; o < dvec; o += 8) {
       __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
       for (int i = 0; i < pairs; ++i) {
         __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + size_t(i) * dout + o));
