@@ -48,46 +48,28 @@ def _info(benchmark, machine_name, model, imgs, files):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
-def bench_compress_kodak(benchmark, setup, machine_name, backend):
+@pytest.mark.parametrize("op", ["compress", "decompress"])
+def bench_codec_kodak(benchmark, setup, machine_name, op, backend):
     from pqmim_kernels.coding import int_kernels
-    from pqmim_kernels.models import compress_image
+    from pqmim_kernels.models import compress_image, decompress_image
 
     model, imgs, files = setup
     if backend == "cpp" and not int_kernels.available():
         pytest.skip(int_kernels.why())
+    if op == "compress":
+        work = lambda: [compress_image(img, model) for img in imgs]  # noqa: E731
+    else:
+        work = lambda: [decompress_image(f, model) for f in files]  # noqa: E731
     model.int_backend = backend
     try:
-        out = benchmark.pedantic(
-            lambda: [compress_image(img, model) for img in imgs],
-            rounds=3 if backend == "cpp" else 1,
-            iterations=1,
-        )
+        out = benchmark.pedantic(work, rounds=3 if backend == "cpp" else 1, iterations=1)
     finally:
         model.int_backend = "auto"
-    assert out == files  # every backend writes the same bytes
-    _info(benchmark, machine_name, model, imgs, files)
-    benchmark.extra_info["int_backend"] = backend
-    benchmark.extra_info.update(_phases(model, imgs[0]))
-
-
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
-def bench_decompress_kodak(benchmark, setup, machine_name, backend):
-    from pqmim_kernels.coding import int_kernels
-    from pqmim_kernels.models import decompress_image
-
-    model, imgs, files = setup
-    if backend == "cpp" and not int_kernels.available():
-        pytest.skip(int_kernels.why())
-    model.int_backend = backend
-    try:
-        out = benchmark.pedantic(
-            lambda: [decompress_image(f, model) for f in files],
-            rounds=3 if backend == "cpp" else 1,
-            iterations=1,
-        )
-    finally:
-        model.int_backend = "auto"
-    assert [o.shape for o in out] == [img.shape for img in imgs]
+    if op == "compress":
+        assert out == files  # every backend writes the same bytes
+        benchmark.extra_info.update(_phases(model, imgs[0]))
+    else:
+        assert [o.shape for o in out] == [img.shape for img in imgs]
     _info(benchmark, machine_name, model, imgs, files)
     benchmark.extra_info["int_backend"] = backend
 

@@ -1,9 +1,23 @@
-"""Test helper: make an untrained PQMIM able to code (calibrate its float entropy model on random
-codes and export the integer model), as ``pqmim train`` does at the end of stage 2."""
+"""Test helpers: the tiny model config the tests share, and making an untrained PQMIM able to
+code (calibrate its float entropy model on random codes and export the integer model), as
+``pqmim train`` does at the end of stage 2."""
 
 import torch
 
+from pqmim_kernels.models.config import PQMIMConfig
 from pqmim_kernels.models.mim import stage_grid
+
+# A model small enough for tests on 2 CPU cores: M = 2 sub-spaces of K = 16 codes, 6 stages.
+TINY = PQMIMConfig(
+    channels=(8, 8, 8, 8),
+    latent_dim=8,
+    num_subspaces=2,
+    codebook_size=16,
+    mim_width=16,
+    mim_depth=1,
+    mim_heads=2,
+    stages=6,
+)
 
 
 def make_coding_ready(model, seed: int = 0):

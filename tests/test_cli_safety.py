@@ -12,24 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _tiny import make_coding_ready
+from _tiny import TINY, make_coding_ready
 from PIL import Image
 
 from pqmim_kernels.cli import codec as cli_codec
 from pqmim_kernels.cli.main import main
-from pqmim_kernels.models import PQMIM, PQMIMConfig, save_model
+from pqmim_kernels.models import PQMIM, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = PQMIMConfig(
-    channels=(8, 8, 8, 8),
-    latent_dim=8,
-    num_subspaces=2,
-    codebook_size=16,
-    mim_width=16,
-    mim_depth=1,
-    mim_heads=2,
-    stages=6,
-)
 
 
 @pytest.fixture(scope="module")

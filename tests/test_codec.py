@@ -3,25 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from _tiny import make_coding_ready
+from _tiny import TINY, make_coding_ready
 
 from pqmim_kernels.coding import pqm_format as fmt
 from pqmim_kernels.models import (
     PQMIM,
-    PQMIMConfig,
     compress_image,
     decompress_image,
-)
-
-TINY = PQMIMConfig(
-    channels=(8, 8, 8, 8),
-    latent_dim=8,
-    num_subspaces=2,
-    codebook_size=16,
-    mim_width=16,
-    mim_depth=1,
-    mim_heads=2,
-    stages=6,
 )
 
 

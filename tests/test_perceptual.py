@@ -1,15 +1,17 @@
 """The perceptual decoder (pqmim_kernels/models/perceptual.py, issue 13): same codes, same files,
 same model id; a second g_s chosen at decode time."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny import make_coding_ready
+from _tiny import TINY, make_coding_ready
 from PIL import Image
 
 from pqmim_kernels.cli.main import main
-from pqmim_kernels.models import PQMIM, PQMIMConfig, decompress_image, load_model, save_model
+from pqmim_kernels.models import PQMIM, decompress_image, load_model, save_model
 from pqmim_kernels.models.perceptual import (
     PatchDiscriminator,
     PerceptualConfig,
@@ -17,17 +19,7 @@ from pqmim_kernels.models.perceptual import (
     train_perceptual,
 )
 
-CFG = PQMIMConfig(
-    channels=(8, 8, 8, 8),
-    latent_dim=8,
-    num_subspaces=2,
-    codebook_size=16,
-    mim_width=16,
-    mim_depth=1,
-    mim_heads=2,
-    mim_radius=2,
-    stages=6,
-)
+CFG = dataclasses.replace(TINY, mim_radius=2)
 
 
 def _photos(n=3, seed=0):

@@ -5,19 +5,9 @@ import json
 
 import pytest
 import torch
+from _tiny import TINY
 
 from pqmim_kernels.models import PQMIM, PQMIMConfig, load_model, save_model
-
-TINY = PQMIMConfig(
-    channels=(8, 8, 8, 8),
-    latent_dim=8,
-    num_subspaces=2,
-    codebook_size=16,
-    mim_width=16,
-    mim_depth=1,
-    mim_heads=2,
-    stages=6,
-)
 
 
 def tiny_model(seed=0, config=TINY):

@@ -1,28 +1,19 @@
 """MaskGIT-style filling of unsent stages (pqmim_kernels/models/sampling.py, issue 13)."""
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
-from _tiny import make_coding_ready
+from _tiny import TINY, make_coding_ready
 
 from pqmim_kernels.coding import int_kernels
-from pqmim_kernels.models import PQMIM, PQMIMConfig
+from pqmim_kernels.models import PQMIM
 from pqmim_kernels.models.sampling import ilog2_256, sample_cdfs
 from pqmim_kernels.models.schedule import coding_order, stage_bounds
 
-CFG = PQMIMConfig(
-    channels=(8, 8, 8, 8),
-    latent_dim=8,
-    num_subspaces=2,
-    codebook_size=16,
-    mim_width=16,
-    mim_depth=1,
-    mim_heads=2,
-    mim_radius=2,
-    stages=6,
-)
+CFG = dataclasses.replace(TINY, mim_radius=2)
 
 
 @pytest.fixture(scope="module")

@@ -5,22 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from _tiny import TINY
 from PIL import Image
 
 from pqmim_kernels.cli.main import main
 from pqmim_kernels.models import PQMIMConfig, load_model
 from pqmim_kernels.models.train import TrainConfig, load_images, train
-
-TINY = PQMIMConfig(
-    channels=(8, 8, 8, 8),
-    latent_dim=8,
-    num_subspaces=2,
-    codebook_size=16,
-    mim_width=16,
-    mim_depth=1,
-    mim_heads=2,
-    stages=6,
-)
 
 
 @pytest.fixture

@@ -1,25 +1,17 @@
 """Ctrl-C during training saves a checkpoint, and a resumed run says what it resumes."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
+from _tiny import TINY as TINY6
 from PIL import Image
 
-from pqmim_kernels.models import PQMIMConfig
 from pqmim_kernels.models.train import TrainConfig, train
 
-TINY = PQMIMConfig(
-    channels=(8, 8, 8, 8),
-    latent_dim=8,
-    num_subspaces=2,
-    codebook_size=16,
-    mim_width=16,
-    mim_depth=1,
-    mim_heads=2,
-    stages=4,
-)
+TINY = dataclasses.replace(TINY6, stages=4)
 
 
 @pytest.fixture
