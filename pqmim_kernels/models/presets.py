@@ -80,7 +80,7 @@ PRESETS: tuple[Preset, ...] = (
         file="default_model.pt",
         quality=1,
         description="PQ-VAE widths 32-128, M=8 sub-spaces of K=256 codewords, 10 stages",
-        nominal_bpp=0.216,
+        nominal_bpp=0.168,
     ),
 )
 # The preset used when none is chosen (compress_image/decompress_image without a model,
