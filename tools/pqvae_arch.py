@@ -40,6 +40,11 @@ CANDIDATES: dict[str, tuple[dict, dict]] = {
          "attention_blocks": 1},
         {"ae_warmup": 0.1},
     ),
+    "wide-warm-c05": (
+        {"channels": (32, 64, 128, 192), "res_blocks": 2, "res_blocks_8": 1,
+         "attention_blocks": 1, "commitment": 0.05},
+        {"ae_warmup": 0.1},
+    ),
     "wide-warm-l2": (
         {"channels": (32, 64, 128, 192), "res_blocks": 2, "res_blocks_8": 1,
          "attention_blocks": 1, "latent_norm": "l2"},
