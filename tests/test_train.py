@@ -156,7 +156,10 @@ def test_torchrun_two_process_gloo_smoke(tmp_path, data_dir):
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("pqmim train: wrote") == 1, r.stdout
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    assert [(e["stage"], e["step"]) for e in log] == [(s, i) for s in (1, 2) for i in (1, 2, 3)]
+    # both stages' steps, then one summary of the exported integer entropy model (stage 3)
+    assert [(e["stage"], e["step"]) for e in log] == [
+        *((s, i) for s in (1, 2) for i in (1, 2, 3)), (3, 3)]  # fmt: skip
+    assert log[-1]["int_bits_per_token"] > 0 and "int_overhead" in log[-1]
     model = load_model(str(out / "model.pt"))
     x = torch.rand(1, 3, 20, 36)
     assert model.decompress(model.compress(x)).shape == (1, 3, 20, 36)
