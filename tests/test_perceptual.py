@@ -103,3 +103,37 @@ def test_finetune_perceptual_cli(model, tmp_path, capsys):
     assert main(cmd) == 0
     want = decompress_image(pqm.read_bytes(), loaded, decoder="perceptual")
     assert np.array_equal(np.asarray(Image.open(dec)), want)
+
+
+def test_perceptual_eval_tool(model, tmp_path):
+    """tools/perceptual_eval.py: one file per stage count, decoded by both decoders (same codes,
+    greedy fill) and, for partial files, sampled + perceptual; means, rows and crops written."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("pe", root / "tools" / "perceptual_eval.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    save_model(model, tmp_path / "m.pt")
+    m = load_model(str(tmp_path / "m.pt"))
+    cfg = PerceptualConfig(steps=2, warmup=1, batch_size=2, crop=32, log_every=1)
+    m.perceptual_decoder = train_perceptual(m, _photos(), cfg, log=lambda s: None)
+    save_model(m, tmp_path / "p.pt")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(g.integers(0, 256, (176, 192, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+    args = [str(imgs), "--model", str(tmp_path / "p.pt"), "--stages", f"{CFG.stages},2"]
+    assert tool.main([*args, "--crops", "1", "--out", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["image"], r["stages"]) for r in res["rows"]] == [
+        (f"{i}.png", s) for i in range(2) for s in (CFG.stages, 2)]  # fmt: skip
+    full, part = res["means"][str(CFG.stages)], res["means"]["2"]
+    assert "psnr_sampled_perceptual" not in full and "psnr_sampled_perceptual" in part
+    assert full["psnr_mse"] != full["psnr_perceptual"] and full["bpp"] > part["bpp"]
+    assert Image.open(tmp_path / "out" / "crops.png").size == (3 * 256, 2 * 256)
+    with pytest.raises(SystemExit, match="has no perceptual decoder"):
+        tool.main([str(imgs), "--model", str(tmp_path / "m.pt"), "--out", str(tmp_path / "o2")])
