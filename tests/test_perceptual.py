@@ -15,6 +15,8 @@ from pqmim_kernels.models import PQMIM, decompress_image, load_model, save_model
 from pqmim_kernels.models.perceptual import (
     PatchDiscriminator,
     PerceptualConfig,
+    blend_decoders,
+    generator_loss,
     sharpness,
     train_perceptual,
 )
@@ -78,6 +80,59 @@ def test_perceptual_decoder_errors(model):
         model.decompress(data, decoder="gan")
 
 
+def _synthesise(model, g, x):
+    """x (B, 3, H, W) -> g applied to the dequantised codes of x (what the decoders see)."""
+    with torch.no_grad():
+        codes = model.encode_codes(x)
+        b, h, w, m = codes.shape
+        y = model.quantizer.get_output_from_indices(codes.reshape(b, h * w, m))
+        return g(y.reshape(b, h, w, -1).permute(0, 3, 1, 2).float())
+
+
+def test_blend_decoders_interpolates_weights(model):
+    import copy
+
+    torch.manual_seed(1)
+    base = model.decoder
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.rand(1, 3, 32, 48)
+    assert torch.equal(_synthesise(model, blend_decoders(base, other, 0.0), x),
+                       _synthesise(model, base, x))  # fmt: skip
+    assert torch.allclose(_synthesise(model, blend_decoders(base, other, 1.0), x),
+                          _synthesise(model, other, x))  # fmt: skip
+    half = blend_decoders(base, other, 0.5)
+    assert half is not other and not half.training
+    for a, b, c in zip(base.parameters(), other.parameters(), half.parameters()):
+        assert torch.allclose(c, (a + b) / 2)
+    with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\], got 1.5"):
+        blend_decoders(base, other, 1.5)
+    with pytest.raises(ValueError, match="different architectures"):
+        blend_decoders(base, torch.nn.Conv2d(1, 1, 1), 0.5)
+
+
+def test_generator_loss_terms():
+    """The block-mean term charges a flat colour shift lf_weight times more than texture of
+    the same MSE (a +-0.05 checkerboard, zero mean over every 8x8 block); the GAN terms only
+    with a discriminator."""
+    x = torch.rand(2, 3, 32, 32)
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    checker = 0.05 * (1 - 2 * ((yy + xx) % 2)).float()
+    cfg = PerceptualConfig(lf_weight=10.0)
+    loss_shift, mse_shift, adv = generator_loss(x + 0.05, x, cfg)
+    loss_tex, mse_tex, _ = generator_loss(x + checker, x, cfg)
+    assert float(mse_shift) == pytest.approx(0.0025) and float(mse_tex) == pytest.approx(0.0025)
+    assert float(loss_shift) == pytest.approx(11 * 0.0025, rel=1e-4)
+    assert float(loss_tex) == pytest.approx(0.0025, rel=1e-4) and float(adv) == 0.0
+    off = dataclasses.replace(cfg, lf_weight=0.0)
+    assert float(generator_loss(x + 0.05, x, off)[0]) == pytest.approx(0.0025)
+    d = PatchDiscriminator().eval()
+    loss_d, _, adv_d = generator_loss(x + checker, x, cfg, d)
+    assert float(adv_d.detach()) > 0 and float(loss_d.detach()) > float(loss_tex)
+
+
 def test_finetune_perceptual_cli(model, tmp_path, capsys):
     src = tmp_path / "m.pt"
     save_model(model, src)
@@ -103,6 +158,15 @@ def test_finetune_perceptual_cli(model, tmp_path, capsys):
     assert main(cmd) == 0
     want = decompress_image(pqm.read_bytes(), loaded, decoder="perceptual")
     assert np.array_equal(np.asarray(Image.open(dec)), want)
+    # --blend 0 keeps none of the fine-tuning: the perceptual decoder decodes as the MSE one
+    out0 = tmp_path / "blend0.pt"
+    cmd = ["finetune-perceptual", "--model", str(src), "--data", str(data_dir), "--out", str(out0)]
+    assert main([*cmd, "--steps", "2", "--batch-size", "1", "--crop", "32", "--blend", "0"]) == 0
+    m0 = load_model(str(out0))
+    assert np.array_equal(decompress_image(pqm.read_bytes(), m0, decoder="perceptual"),
+                          decompress_image(pqm.read_bytes(), m0))  # fmt: skip
+    assert main([*cmd, "--blend", "1.5", "-f"]) == 1
+    assert "--blend must be in [0, 1], got 1.5" in capsys.readouterr().err
 
 
 def test_perceptual_eval_tool(model, tmp_path):

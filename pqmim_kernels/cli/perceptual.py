@@ -26,6 +26,15 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--crop", type=int, default=192, help="crop side (multiple of 16)")
     p.add_argument("--adv-weight", type=float, default=0.01, help="weight of the GAN loss")
+    p.add_argument(
+        "--lf-weight", type=float, default=10.0,
+        help="extra weight of the MSE of 8x8 block means (keeps colours; 0 = off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--blend", type=float, default=1.0,
+        help="keep this fraction of the fine-tuning (weights interpolated towards the MSE "
+        "decoder's: less sharp, higher PSNR)",
+    )  # fmt: skip
     p.add_argument("--max-images", type=int, default=0, help="use the first N photos (0 = all)")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing --out")
     p.set_defaults(func=run)
@@ -36,11 +45,17 @@ def run(args) -> int:
 
     from pqmim_kernels.cli.codec import check_output
     from pqmim_kernels.models import load_model, save_model
-    from pqmim_kernels.models.perceptual import PerceptualConfig, train_perceptual
+    from pqmim_kernels.models.perceptual import (
+        PerceptualConfig,
+        blend_decoders,
+        train_perceptual,
+    )
     from pqmim_kernels.models.train import load_images, split_holdout
 
     if args.crop < 16 or args.crop % 16:
         raise ValueError(f"--crop must be a positive multiple of 16, got {args.crop}")
+    if not 0 <= args.blend <= 1:
+        raise ValueError(f"--blend must be in [0, 1], got {args.blend}")
     check_output(args.out, [], args.force)
     model = load_model(args.model)
     images, _ = split_holdout(load_images(args.data, args.max_images), 10)
@@ -50,8 +65,10 @@ def run(args) -> int:
         batch_size=args.batch_size,
         crop=args.crop,
         adv_weight=args.adv_weight,
+        lf_weight=args.lf_weight,
     )
-    model.perceptual_decoder = train_perceptual(model, images, cfg)
+    tuned = train_perceptual(model, images, cfg)
+    model.perceptual_decoder = blend_decoders(model.decoder, tuned, args.blend)
     options = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool))}
     save_model(model, Path(args.out), extra={**model.training_info, "perceptual": options})
     print(f"pqmim finetune-perceptual: wrote {args.out} (model id {model.model_id().hex()})")
