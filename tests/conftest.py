@@ -32,7 +32,6 @@ _SLOW_TESTS = {
         "test_torch_compile_fullgraph_forward_and_backward",
     },
     "test_pq_assign.py": {
-        "test_kernels_compile_ahead_of_time_for_gpus",
         "test_torch_compile_fullgraph_has_no_graph_break",
     },
     "test_attention_block.py": {"test_block_compiles_fullgraph"},
