@@ -169,28 +169,46 @@ def test_finetune_perceptual_cli(model, tmp_path, capsys):
     assert "--blend must be in [0, 1], got 1.5" in capsys.readouterr().err
 
 
-def test_perceptual_eval_tool(model, tmp_path):
-    """tools/perceptual_eval.py: one file per stage count, decoded by both decoders (same codes,
-    greedy fill) and, for partial files, sampled + perceptual; means, rows and crops written."""
+@pytest.fixture(scope="module")
+def perceptual_file(model, tmp_path_factory):
+    """(a model file with a perceptual decoder, the same model without one)."""
+    tmp = tmp_path_factory.mktemp("perc")
+    save_model(model, tmp / "m.pt")
+    m = load_model(str(tmp / "m.pt"))
+    cfg = PerceptualConfig(steps=2, warmup=1, batch_size=2, crop=32, log_every=1)
+    m.perceptual_decoder = train_perceptual(m, _photos(), cfg, log=lambda s: None)
+    save_model(m, tmp / "p.pt")
+    return tmp / "p.pt", tmp / "m.pt"
+
+
+def _tool(name):
     import importlib.util
-    import json
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("pe", root / "tools" / "perceptual_eval.py")
+    spec = importlib.util.spec_from_file_location(name, root / "tools" / f"{name}.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    save_model(model, tmp_path / "m.pt")
-    m = load_model(str(tmp_path / "m.pt"))
-    cfg = PerceptualConfig(steps=2, warmup=1, batch_size=2, crop=32, log_every=1)
-    m.perceptual_decoder = train_perceptual(m, _photos(), cfg, log=lambda s: None)
-    save_model(m, tmp_path / "p.pt")
-    imgs = tmp_path / "imgs"
-    imgs.mkdir()
+    return tool
+
+
+def _image_folder(path, n=2, shape=(176, 192, 3)):
+    path.mkdir()
     g = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(g.integers(0, 256, (176, 192, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
-    args = [str(imgs), "--model", str(tmp_path / "p.pt"), "--stages", f"{CFG.stages},2"]
+    for i in range(n):
+        Image.fromarray(g.integers(0, 256, shape, dtype=np.uint8)).save(path / f"{i}.png")
+    return path
+
+
+def test_perceptual_eval_tool(perceptual_file, tmp_path):
+    """tools/perceptual_eval.py: one file per stage count, decoded by both decoders (same codes,
+    greedy fill) and, for partial files, sampled + perceptual; means, rows and crops written."""
+    import json
+
+    tool = _tool("perceptual_eval")
+    with_p, without = perceptual_file
+    imgs = _image_folder(tmp_path / "imgs")
+    args = [str(imgs), "--model", str(with_p), "--stages", f"{CFG.stages},2"]
     assert tool.main([*args, "--crops", "1", "--out", str(tmp_path / "out")]) == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [(r["image"], r["stages"]) for r in res["rows"]] == [
@@ -200,4 +218,28 @@ def test_perceptual_eval_tool(model, tmp_path):
     assert full["psnr_mse"] != full["psnr_perceptual"] and full["bpp"] > part["bpp"]
     assert Image.open(tmp_path / "out" / "crops.png").size == (3 * 256, 2 * 256)
     with pytest.raises(SystemExit, match="has no perceptual decoder"):
-        tool.main([str(imgs), "--model", str(tmp_path / "m.pt"), "--out", str(tmp_path / "o2")])
+        tool.main([str(imgs), "--model", str(without), "--out", str(tmp_path / "o2")])
+
+
+def test_tiny_files_tool(perceptual_file, tmp_path):
+    """tools/tiny_files.py: every file within the budget, the hybrid file too, five columns
+    (original, greedy, sampled + perceptual, hybrid, JPEG), means over the rows."""
+    import json
+
+    tool = _tool("tiny_files")
+    with_p, _ = perceptual_file
+    imgs = _image_folder(tmp_path / "imgs", shape=(96, 128, 3))
+    m = load_model(str(with_p))
+    x = torch.from_numpy(np.array(Image.open(imgs / "0.png"))).permute(2, 0, 1)[None] / 255.0
+    full = len(m.compress(x.float()))
+    budget = full // 2  # no complete full-size file fits
+    args = [str(imgs), "--model", str(with_p), "--max-bytes", str(budget), "--thumb", "64"]
+    assert tool.main([*args, "--hybrid-downscale", "1", "--out", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["images"] == 2 and res["perceptual_decoder"]
+    for r in res["rows"]:
+        assert r["bytes"] <= budget and r["hybrid_bytes"] <= budget and r["hybrid_downscale"] == 1
+        assert 1 <= r["hybrid_stages_sent"] <= CFG.stages
+    assert res["mean"]["bytes"] == pytest.approx(np.mean([r["bytes"] for r in res["rows"]]))
+    sheet = Image.open(tmp_path / "out" / "contact_sheet.png")
+    assert sheet.size == (5 * 64, 2 * 48)
