@@ -233,7 +233,8 @@ def test_tiny_files_tool(perceptual_file, tmp_path):
     x = torch.from_numpy(np.array(Image.open(imgs / "0.png"))).permute(2, 0, 1)[None] / 255.0
     full = len(m.compress(x.float()))
     budget = full // 2  # no complete full-size file fits
-    args = [str(imgs), "--model", str(with_p), "--max-bytes", str(budget), "--thumb", "64"]
+    args = [str(imgs), "--model", str(with_p), "--max-bytes", str(budget), "--thumb", "64",
+            "--excerpt", "1"]  # fmt: skip
     assert tool.main([*args, "--hybrid-downscale", "1", "--out", str(tmp_path / "out")]) == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["images"] == 2 and res["perceptual_decoder"]
@@ -241,5 +242,6 @@ def test_tiny_files_tool(perceptual_file, tmp_path):
         assert r["bytes"] <= budget and r["hybrid_bytes"] <= budget and r["hybrid_downscale"] == 1
         assert 1 <= r["hybrid_stages_sent"] <= CFG.stages
     assert res["mean"]["bytes"] == pytest.approx(np.mean([r["bytes"] for r in res["rows"]]))
-    sheet = Image.open(tmp_path / "out" / "contact_sheet.png")
+    sheet = Image.open(tmp_path / "out" / "contact_sheet.jpg")
     assert sheet.size == (5 * 64, 2 * 48)
+    assert Image.open(tmp_path / "out" / "contact_sheet_excerpt.jpg").size == (5 * 64, 48)

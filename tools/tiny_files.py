@@ -7,9 +7,10 @@ For each image: ``pqmim compress --max-bytes B`` (the budget search of
 ways (greedy fill + MSE decoder; MaskGIT-style sampled fill + the perceptual decoder when the
 model has one; the same sampled fill + MSE decoder), and JPEG at its smallest possible size
 (Pillow, quality 1, 4:2:0) for comparison. Writes ``results.json`` (bytes, stages sent,
-downscale, PSNR, high-frequency energy ratio of each decode) and ``contact_sheet.png`` (a row
+downscale, PSNR, high-frequency energy ratio of each decode), ``contact_sheet.jpg`` (a row
 per image: original | B-byte greedy | B-byte sampled (+ perceptual) | the hybrid file | smallest
-JPEG, each labelled with its size), and prints a summary. The hybrid file (``--hybrid-downscale
+JPEG, each labelled with its size; the first ``--excerpt`` rows also in
+``contact_sheet_excerpt.jpg``), and prints a summary. The hybrid file (``--hybrid-downscale
 k``, default 2) codes the image shrunk 2^k with as many stages as fit and samples the rest: the
 budget search prefers whatever has the highest PSNR, which at 200 bytes is usually a complete
 file of the image shrunk 8x, so this column shows what sampling adds at a larger coded size.
@@ -107,6 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--thumb", type=int, default=256, help="contact-sheet cell width (pixels)")
+    p.add_argument("--excerpt", type=int, default=4, help="rows in contact_sheet_excerpt.jpg")
     p.add_argument(
         "--hybrid-downscale", type=int, default=2,
         help="also the hybrid file: the image shrunk 2^k, as many stages as fit, the rest "
@@ -160,12 +162,18 @@ def main(argv=None) -> int:
                 _thumb(jpeg_img, args.thumb, f"JPEG q1 {len(jpeg)} B"),
             ]
         )
-    hmax = max(c.height for row in cells for c in row)
-    sheet = Image.new("RGB", (len(cells[0]) * args.thumb, hmax * len(cells)), (255, 255, 255))
+    heights = [max(c.height for c in row) for row in cells]  # portrait rows are taller
+    sheet = Image.new("RGB", (len(cells[0]) * args.thumb, sum(heights)), (255, 255, 255))
     for r, row in enumerate(cells):
         for c, cell in enumerate(row):
-            sheet.paste(cell, (c * args.thumb, r * hmax))
-    sheet.save(out / "contact_sheet.png", optimize=True)
+            sheet.paste(cell, (c * args.thumb, sum(heights[:r])))
+    # JPEG at quality 92 without chroma subsampling keeps the sheet small; the measurements
+    # above are of the decodes themselves, not of the sheet
+    sheet.save(out / "contact_sheet.jpg", quality=92, subsampling=0)
+    if 0 < args.excerpt < len(cells):
+        sheet.crop((0, 0, sheet.width, sum(heights[: args.excerpt]))).save(
+            out / "contact_sheet_excerpt.jpg", quality=92, subsampling=0
+        )
 
     def mean(key):
         vals = [r[key] for r in rows if r.get(key) is not None]
