@@ -287,6 +287,32 @@ def test_byte_budget_with_downscaling_picks_the_better_psnr(model):
         assert model.decompress(tight).shape == (1, 3, 96, 128)
 
 
+def test_byte_budget_last_resort_keeps_the_best_decoded_stage_count(model, monkeypatch):
+    """Below every full-resolution stage and every complete shrunk file, the budget search
+    sends part of the 8x-shrunk image: of the stage counts that fit, the one whose decode
+    scores best (ties: more stages), since more stages can decode worse there."""
+    import pqmim_kernels.models as models
+
+    img = (_image(384, 512, seed=0)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    parts = [model.compress(x, stages=s, downscale=3) for s in range(1, TINY.stages)]
+    budget = len(parts[-1])
+    assert budget < len(model.compress(x, downscale=3))  # no complete file of any size fits
+    assert budget < len(compress_image(img, model, stages=1))
+    scores = dict(zip(range(1, TINY.stages), [5.0, 9.0, 7.0, 9.0, 1.0]))
+    real = models._fit_psnr
+    monkeypatch.setattr(models, "_fit_psnr", lambda fit, x: 0.0)  # all tie: the most stages
+    assert compress_image(img, model, max_bytes=budget) == parts[-1]
+    monkeypatch.setattr(
+        models, "_fit_psnr", lambda fit, x: scores[fmt.unpack(fit.data)[0].stages_sent]
+    )
+    assert compress_image(img, model, max_bytes=budget) == parts[3]  # 4 stages: 9.0, more than 2
+    monkeypatch.setattr(models, "_fit_psnr", real)
+    got = compress_image(img, model, max_bytes=budget)
+    best = max(real(models.BudgetFit(d, model, None, 0), x) for d in parts)
+    assert got in parts and real(models.BudgetFit(got, model, None, 0), x) == best
+
+
 def test_byte_budget_picks_the_last_stage_that_fits(model):
     img = (_image(96, 128, seed=4)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     sizes = [len(compress_image(img, model, stages=s)) for s in range(1, TINY.stages + 1)]
