@@ -32,6 +32,19 @@ def require_toolchain(arch: int) -> None:
         pytest.skip(f"no CUDA compiler toolchain in this Triton: {exc}")
 
 
+def plain_signature(fn, pointers: dict, constexprs: dict) -> tuple[dict, dict]:
+    """``(signature, attrs)`` of a kernel whose arguments are the ``pointers`` (name -> element
+    type, 16-byte aligned), the ``constexprs`` and otherwise i32 scalars."""
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in pointers:
+            signature[name] = "*" + pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "constexpr" if name in constexprs else "i32"
+    return signature, attrs
+
+
 def compile_kernel(fn, signature: dict, constexprs: dict, attrs: dict, config, arch: int):
     from triton.backends.compiler import GPUTarget
 

@@ -513,13 +513,7 @@ def _compile_assign(pa, z_dtype, cb_dtype, dot, d, config, arch):
     constexprs = dict(K=300, D_SUB=d, BLOCK_D=block_d, D_CHUNK=pa.d_chunk(dot, block_d))
     constexprs.update(UPCAST=z_dtype != cb_dtype, DOT=dot, WITH_DIST=True, stride_zd=1)
     constexprs.update(config.kwargs)
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in pointers:
-            signature[name] = "*" + pointers[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "constexpr" if name in constexprs else "i32"
+    signature, attrs = aot.plain_signature(fn, pointers, constexprs)
     return aot.compile_kernel(fn, signature, constexprs, attrs, config, arch)
 
 
@@ -574,13 +568,7 @@ def test_stats_kernel_compiles_ahead_of_time(z_dtype, d, arch):
     pointers.update(counts_ptr="fp32", sums_ptr="fp32")
     config = triton.Config({}, num_warps=4, num_stages=1)
     constexprs = dict(K=300, D_SUB=d, BLOCK_N=64, BLOCK_D=triton.next_power_of_2(d), stride_zd=1)
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in pointers:
-            signature[name] = "*" + pointers[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "constexpr" if name in constexprs else "i32"
+    signature, attrs = aot.plain_signature(fn, pointers, constexprs)
     compiled = aot.compile_kernel(fn, signature, constexprs, attrs, config, arch)
     assert compiled.asm["cubin"], "ptxas produced no cubin"
 
