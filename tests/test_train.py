@@ -285,3 +285,57 @@ def test_kmeans_switch_on_keeps_one_batch_of_ema_counts():
     # threshold, then / 4) can move each sub-space's total by at most K * threshold / 4
     slack = TINY.codebook_size * q.threshold_ema_dead_code / 4
     assert torch.all((q.cluster_size.sum(-1) - per_batch).abs() <= slack)
+
+
+def test_init_from_skips_stage_1_and_keeps_the_pq_vae(tmp_path, data_dir):
+    from pqmim_kernels.models import save_model
+
+    src = train(_cfg(tmp_path, data_dir, out=str(tmp_path / "src")), TINY, log=lambda s: None)
+    save_model(src, tmp_path / "src.pt")
+    lines = []
+    cfg = _cfg(tmp_path, data_dir, init_from=str(tmp_path / "src.pt"))
+    model = train(cfg, TINY, log=lines.append)
+    assert any("training the entropy model (stage 2)" in line for line in lines)
+    assert not [e for e in _log(tmp_path) if e["stage"] == 1]
+    for name, v in src.state_dict().items():
+        if name.startswith(("encoder.", "quantizer.", "decoder.")):
+            assert torch.equal(model.state_dict()[name], v), name
+
+
+def test_warm_start_refits_another_pq_on_the_same_autoencoder(tmp_path, data_dir):
+    from pqmim_kernels.models import save_model
+
+    src = train(_cfg(tmp_path, data_dir, out=str(tmp_path / "src")), TINY, log=lambda s: None)
+    save_model(src, tmp_path / "src.pt")
+    m = 2 * TINY.num_subspaces
+    other = PQMIMConfig(**{**TINY.__dict__, "num_subspaces": m, "channels": (8, 8, 8, 16)})
+    lines = []
+    cfg = _cfg(tmp_path, data_dir, warm_start=str(tmp_path / "src.pt"), lr1=0.0, holdout_every=2,
+               kmeans_batches=2, stage1_only=True)  # fmt: skip
+    model = train(cfg, other, log=lines.append)
+    # the autoencoder's shape comes from the file, the quantizer's from the given config
+    assert model.config.channels == TINY.channels and model.config.num_subspaces == m
+    assert model.quantizer.codebooks.shape == (m, TINY.codebook_size, TINY.latent_dim // m)
+    assert bool(model.quantizer.initted)
+    assert any(f"re-fits the PQ (M={m}" in line for line in lines)
+    # lr 0: the encoder and decoder are the file's, unchanged by the fine-tuning steps
+    for name, v in src.state_dict().items():
+        if name.startswith(("encoder.", "decoder.")):
+            assert torch.equal(model.state_dict()[name], v), name
+    # the held-out PSNR of the unquantized autoencoder, before the k-means fit, then quantized
+    val = [e for e in _log(tmp_path) if "val_psnr" in e or "val_psnr_ae" in e]
+    assert [(e["step"], "val_psnr" in e) for e in val] == [(0, False), (3, True)]
+    assert all(e["pq"] for e in _log(tmp_path) if "psnr" in e)
+
+
+def test_warm_start_errors(tmp_path, data_dir):
+    with pytest.raises(FileNotFoundError, match="warm_start file .*nope.pt does not exist"):
+        train(_cfg(tmp_path, data_dir, warm_start=str(tmp_path / "nope.pt")), TINY)
+    with pytest.raises(ValueError, match="give init_from .* or warm_start .*, not both"):
+        train(_cfg(tmp_path, data_dir, warm_start="a.pt", init_from="b.pt"), TINY)
+    from pqmim_kernels.models import PQMIM, save_model
+
+    save_model(PQMIM(TINY), tmp_path / "src.pt")  # latent_dim 8
+    three = PQMIMConfig(**{**TINY.__dict__, "latent_dim": 12, "num_subspaces": 3})
+    with pytest.raises(ValueError, match="latent_dim 8, which num_subspaces 3 does not divide"):
+        train(_cfg(tmp_path, data_dir, warm_start=str(tmp_path / "src.pt")), three)

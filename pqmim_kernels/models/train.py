@@ -81,6 +81,7 @@ class TrainConfig:
     budget_clock: str = "wall"  # "wall" | "cpu": what --stage1-minutes counts (cpu = process)
     stage1_only: bool = False  # stop after stage 1 (checkpoint at stage 2, step 0; no model.pt)
     compile: bool = False  # torch.compile the stage-1 network
+    warm_start: str = ""  # model file whose encoder/decoder start stage 1 (new PQ: any M, K)
     # -- stage 2 (entropy model) --
     init_from: str = ""  # a model file whose PQ-VAE is reused: stage 1 is skipped
     stage2_window_min: int = 12  # training windows are t x t tokens, t drawn from [min, max]
@@ -321,7 +322,8 @@ def _stage1(cfg, model, vae, net, opt, state, images, val_images, gen, device, r
         if progress >= 1.0:
             break
         quantize = bool(model.quantizer.initted) or progress >= cfg.ae_warmup
-        if quantize and cfg.ae_warmup > 0 and not bool(model.quantizer.initted):
+        refit = cfg.ae_warmup > 0 or cfg.warm_start  # k-means on many batches, not the first
+        if quantize and refit and not bool(model.quantizer.initted):
             validate(False)
             _kmeans_switch_on(model, vae, cfg, images, gen, device)
         for g in opt.param_groups:
@@ -418,12 +420,22 @@ def _train(cfg: TrainConfig, model_config, images, log, hooks: dict) -> PQMIM:
             {**ckpt["config"], "channels": tuple(ckpt["config"]["channels"])}
         )
     model_config = model_config or PQMIMConfig()
-    vae_state = None
+    vae_state = warm_state = None
+    if ckpt is None and cfg.init_from and cfg.warm_start:
+        raise ValueError("train: give init_from (skip stage 1) or warm_start (fine-tune), not both")
     if ckpt is None and cfg.init_from:
         model_config, vae_state = pqvae_from_file(cfg.init_from, model_config)
+    if ckpt is None and cfg.warm_start:
+        model_config, warm_state = autoencoder_from_file(cfg.warm_start, model_config)
     torch.manual_seed(cfg.seed)
     model = PQMIM(model_config).to(device)
     state = {"stage": 1, "step": 0, "elapsed": 0.0}
+    if warm_state is not None:
+        model.load_state_dict(warm_state, strict=False)
+        if is_main:
+            log(f"encoder and decoder taken from {cfg.warm_start}: stage 1 re-fits the PQ "
+                f"(M={model_config.num_subspaces}, K={model_config.codebook_size}) by k-means "
+                "on their latents and fine-tunes")
     if vae_state is not None:
         model.load_state_dict(vae_state, strict=False)
         state = {"stage": 2, "step": 0, "elapsed": 0.0}
@@ -535,14 +547,16 @@ def _train(cfg: TrainConfig, model_config, images, log, hooks: dict) -> PQMIM:
 _PQVAE_PREFIXES = ("encoder.", "quantizer.", "decoder.")
 
 
-def pqvae_from_file(path, model_config: PQMIMConfig) -> tuple[PQMIMConfig, dict]:
+def pqvae_from_file(
+    path, model_config: PQMIMConfig, what: str = "init_from"
+) -> tuple[PQMIMConfig, dict]:
     """The PQ-VAE of a model file (written by :func:`pqmim_kernels.models.save_model`, any
     version, also one whose entropy model this release cannot code with): returns the config
     (the file's PQ-VAE fields, ``model_config``'s entropy-model fields) and the encoder,
     quantizer and decoder tensors (fp32). Raises FileNotFoundError / ValueError."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"train: init_from file {path} does not exist")
+        raise FileNotFoundError(f"train: {what} file {path} does not exist")
     try:
         blob = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -564,6 +578,28 @@ def pqvae_from_file(path, model_config: PQMIMConfig) -> tuple[PQMIMConfig, dict]
     }
     if not state:
         raise ValueError(f"train: {path} holds no PQ-VAE weights")
+    return PQMIMConfig.from_dict(merged), state
+
+
+_QUANTIZER_FIELDS = ("num_subspaces", "codebook_size", "commitment", "latent_norm")
+
+
+def autoencoder_from_file(path, model_config: PQMIMConfig) -> tuple[PQMIMConfig, dict]:
+    """The encoder and decoder of a model file, to warm-start stage 1 with another product
+    quantizer (``TrainConfig.warm_start``): returns the config (the file's autoencoder fields;
+    ``model_config``'s quantizer fields M, K, commitment, latent norm and its entropy-model
+    fields) and the encoder and decoder tensors (fp32; no quantizer: stage 1 fits a new one by
+    k-means on the latents before its first step). Raises FileNotFoundError / ValueError, also
+    when ``model_config``'s M does not divide the file's latent dimension."""
+    theirs, state = pqvae_from_file(path, model_config, what="warm_start")
+    mine = dataclasses.asdict(model_config)
+    merged = {**dataclasses.asdict(theirs), **{k: mine[k] for k in _QUANTIZER_FIELDS}}
+    if merged["latent_dim"] % merged["num_subspaces"]:
+        raise ValueError(
+            f"train: warm_start {path} has latent_dim {merged['latent_dim']}, which "
+            f"num_subspaces {merged['num_subspaces']} does not divide"
+        )
+    state = {k: v for k, v in state.items() if not k.startswith("quantizer.")}
     return PQMIMConfig.from_dict(merged), state
 
 
