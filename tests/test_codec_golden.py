@@ -30,10 +30,9 @@ MAX_DIFF_FRACTION = 0.01
 
 
 def _model(name):
-    from pqmim_kernels.models import DEFAULT_MODEL_PATH, load_model
+    from pqmim_kernels.models import load_model
 
-    path = DEFAULT_MODEL_PATH if name.startswith("default") else golden.TINY_MODEL
-    return load_model(str(path))
+    return load_model(dict((n, path) for n, path, _ in golden.cases())[name])
 
 
 def _files(name):
@@ -50,6 +49,14 @@ def test_every_model_case_is_present():
     names = {name for name, _, _ in golden.cases()}
     assert names == set(CASES), "golden.json and the cases of make_golden.py differ"
     assert "default_sample" in CASES, "the bundled default model has no golden case"
+
+
+def test_every_bundled_preset_has_a_golden_case():
+    from pqmim_kernels.models import presets
+
+    for preset in presets.registry():
+        assert preset.path.is_file(), f"preset {preset.name!r}: {preset.path} is missing"
+        assert f"{preset.name}_sample" in CASES, f"preset {preset.name!r} has no golden case"
 
 
 @pytest.mark.parametrize("name", CASES)

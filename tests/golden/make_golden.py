@@ -2,6 +2,8 @@
 
     .venv/bin/python tests/golden/make_golden.py            # rewrite every case's files
     .venv/bin/python tests/golden/make_golden.py --model    # also re-create tiny_model.pt
+    .venv/bin/python tests/golden/make_golden.py --new      # only cases golden.json lacks
+                                                            # (a newly bundled preset)
 
 Cases, each stored as ``<name>.pqm`` (the file), ``<name>.codes.npy`` (its codes, uint16
 (h, w, M)) and ``<name>.png`` (its decoded image), with sizes and md5s in ``golden.json``:
@@ -9,7 +11,8 @@ Cases, each stored as ``<name>.pqm`` (the file), ``<name>.codes.npy`` (its codes
 - ``container``: fixed integer CDFs through the header and the coder (no model; md5 only);
 - ``tiny_{h}x{w}``: a tiny stored model (random weights, integer entropy model exported from
   them) on synthetic images;
-- ``default_sample``: the bundled default model on the bundled sample image.
+- ``<preset>_sample``: each bundled preset model (``default_sample``: the default) on the
+  bundled sample image.
 
 What is pinned, and why (docs/PQM_FORMAT.md, "Determinism"): codes <-> ``.pqm`` bytes are exact
 on every machine (the integer entropy model), so the tests require ``compress_codes(codes) ==
@@ -95,13 +98,15 @@ def md5(b: bytes) -> str:
 
 
 def cases() -> list[tuple[str, str, np.ndarray]]:
-    """``(name, model path, image)`` of every model case (the default when bundled)."""
+    """``(name, model path, image)`` of every model case (each bundled preset's file that is
+    there)."""
     from pqmim_kernels.cli.codec import read_image
-    from pqmim_kernels.models import DEFAULT_MODEL_PATH
+    from pqmim_kernels.models import presets
 
     out = [(f"tiny_{h}x{w}", str(TINY_MODEL), synthetic_image(h, w)) for h, w in SIZES]
-    if DEFAULT_MODEL_PATH.is_file():
-        out.append(("default_sample", str(DEFAULT_MODEL_PATH), read_image(SAMPLE)))
+    for preset in presets.registry():
+        if preset.path.is_file():
+            out.append((f"{preset.name}_sample", str(preset.path), read_image(SAMPLE)))
     return out
 
 
@@ -119,16 +124,21 @@ def write_case(name: str, model: PQMIM, img: np.ndarray) -> dict:
     return {"size": list(size), "bytes": len(data), "md5": md5(data)}
 
 
-def compute() -> dict:
+def compute(keep: dict | None = None) -> dict:
+    """Golden entries of every case; with ``keep`` (a golden.json dict), the cases it already
+    has keep their entry and their files (only new cases are written)."""
     out = {"container": md5(container_bytes()), "cases": {}}
     for name, path, img in cases():
-        out["cases"][name] = write_case(name, load_model(path), img)
+        if keep is not None and name in keep["cases"]:
+            out["cases"][name] = keep["cases"][name]
+        else:
+            out["cases"][name] = write_case(name, load_model(path), img)
     return out
 
 
 if __name__ == "__main__":
     if "--model" in sys.argv or not TINY_MODEL.is_file():
         make_tiny_model()
-    result = compute()
+    result = compute(json.loads(GOLDEN.read_text()) if "--new" in sys.argv else None)
     GOLDEN.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     print(json.dumps(result, indent=1, sort_keys=True))
