@@ -22,6 +22,7 @@ whenever the original is known (always for ``compress``; ``decompress --original
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -227,6 +228,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _rate_lambda(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
 def register(subparsers) -> None:
     c = subparsers.add_parser(
         "compress",
@@ -260,6 +271,16 @@ def register(subparsers) -> None:
         "the highest-quality preset whose complete file fits, else the partial file (fewer "
         "coding stages, the decoder fills the rest) that codes the most of the image; with "
         "them, as many stages of that model as fit. A warning says when not all stages fit",
+    )
+    c.add_argument(
+        "--rate-lambda",
+        type=_rate_lambda,
+        default=0.0,
+        metavar="LAMBDA",
+        help="rate-aware code assignment: each sub-code minimises squared latent distance + "
+        "LAMBDA x its exact bits in context, so files get smaller for a little more distortion "
+        "(0 = nearest codewords; with the default model 0.002 saves ~10 %% of the bits for "
+        "~0.05 dB, 0.005 ~16 %% for ~0.2 dB). Any decoder reads the files",
     )
     c.add_argument(
         "--no-downscale",
@@ -404,18 +425,19 @@ def run_compress(args) -> int:
     t0 = time.perf_counter()
     if preset is not None and args.max_bytes is not None:
         data, model, preset, _ = compress_to_fit(
-            img, args.max_bytes, candidates, device=args.device, downscale=not args.no_downscale
-        )
+            img, args.max_bytes, candidates, device=args.device,
+            downscale=not args.no_downscale, rate_lambda=args.rate_lambda,
+        )  # fmt: skip
     else:
         data = compress_image(
             img, model, stages=args.stages, max_bytes=args.max_bytes,
-            downscale=not args.no_downscale,
+            downscale=not args.no_downscale, rate_lambda=args.rate_lambda,
         )  # fmt: skip
     dt = time.perf_counter() - t0
     total = model.config.stages
     write_output(out, data, args.force)
     sent, shrunk = _stages_sent(data), _downscale(data)
-    if sent == total and not shrunk:
+    if sent == total and not shrunk and args.rate_lambda == 0:
         # Decoding is bit-exact in the codes, so the decoder's image is the conv decoder applied
         # to the encoder's codes: no entropy decoding needed for the PSNR.
         recon = _reconstruct(img, model)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pqmim_kernels.models import presets
-from pqmim_kernels.models.codec import PQMIM
+from pqmim_kernels.models.codec import PQMIM, check_rate_lambda
 from pqmim_kernels.models.config import PQMIMConfig
 
 __all__ = [
@@ -163,6 +163,7 @@ def compress_image(
     stages: int | None = None,
     max_bytes: int | None = None,
     downscale: bool = True,
+    rate_lambda: float = 0.0,
 ) -> bytes:
     """uint8 (H, W, 3) RGB -> ``.pqm`` bytes.
 
@@ -172,16 +173,21 @@ def compress_image(
     ``max_bytes``: instead, send the most stages whose whole file fits in this many bytes
     (PQMIM.md §7: a byte budget picks the stop stage; the decoder fills the rest). Raises
     ``ValueError`` if even the first stage does not fit.
+    ``rate_lambda`` >= 0: rate-aware code assignment (:meth:`PQMIM.encode_codes`; 0 = nearest
+    codewords), also for every file the ``max_bytes`` search tries.
     """
     x = _as_tensor(img)
+    lam = check_rate_lambda(rate_lambda)
     if max_bytes is None:
-        return (model or preset_model(presets.default())).compress(x, stages=stages)
+        return (model or preset_model(presets.default())).compress(
+            x, stages=stages, rate_lambda=lam
+        )
     if stages is not None:
         raise ValueError("compress_image: give stages or max_bytes, not both")
     _check_budget(max_bytes)
     if model is None:
-        return compress_to_fit(img, max_bytes, downscale=downscale).data
-    return _fit(x, max_bytes, [(None, model)], downscale).data
+        return compress_to_fit(img, max_bytes, downscale=downscale, rate_lambda=lam).data
+    return _fit(x, max_bytes, [(None, model)], downscale, lam).data
 
 
 def _check_budget(max_bytes) -> None:
@@ -190,7 +196,12 @@ def _check_budget(max_bytes) -> None:
 
 
 def _fit_stages(
-    model: PQMIM, x: torch.Tensor, max_bytes: int, full_size: int, downscale: int = 0
+    model: PQMIM,
+    x: torch.Tensor,
+    max_bytes: int,
+    full_size: int,
+    downscale: int = 0,
+    rate_lambda: float = 0.0,
 ) -> tuple[bytes | None, int, int]:
     """The most stages short of all whose file fits in ``max_bytes`` (the complete file, of
     ``full_size`` bytes, does not): ``(data or None, stages, bytes of the smallest file tried)``.
@@ -199,7 +210,7 @@ def _fit_stages(
     from pqmim_kernels.models.codec import shrink
 
     size = (int(x.shape[2]), int(x.shape[3]))
-    codes = model.encode_codes(shrink(x, downscale).to(model._device()))[0]
+    codes = model.encode_codes(shrink(x, downscale).to(model._device()), rate_lambda)[0]
     lo, hi, best, sent, smallest = 1, model.config.stages - 1, None, 0, full_size
     while lo <= hi:
         mid = (lo + hi) // 2
@@ -228,6 +239,7 @@ def compress_to_fit(
     *,
     device: str = "cpu",
     downscale: bool = True,
+    rate_lambda: float = 0.0,
 ) -> BudgetFit:
     """The file within ``max_bytes`` bytes that codes the most of the image, over presets and
     stages (``candidates``: default every preset of the registry); ``downscale=False`` leaves
@@ -249,24 +261,28 @@ def compress_to_fit(
     then complete downscaled files.
 
     Raises ``ValueError`` if even one coding stage of every candidate at 8x downscale is over
-    the budget.
+    the budget. ``rate_lambda``: the rate-aware assignment of every file tried
+    (:meth:`PQMIM.encode_codes`).
     """
     _check_budget(max_bytes)
+    lam = check_rate_lambda(rate_lambda)
     x = _as_tensor(img)
     order = sorted(candidates or presets.registry(), key=lambda p: p.quality, reverse=True)
     models = [(preset, preset_model(preset, device)) for preset in order]
-    return _fit(x, max_bytes, models, downscale)
+    return _fit(x, max_bytes, models, downscale, lam)
 
 
-def _fit(x: torch.Tensor, max_bytes: int, entries, downscale: bool = True) -> BudgetFit:
+def _fit(
+    x: torch.Tensor, max_bytes: int, entries, downscale: bool = True, lam: float = 0.0
+) -> BudgetFit:
     """:func:`compress_to_fit`'s rule over ``entries``: ``(preset or None, model)`` pairs, best
-    quality first."""
+    quality first; ``lam``: the rate-aware assignment of every file."""
     from pqmim_kernels.coding.pqm_format import MAX_DOWNSCALE
     from pqmim_kernels.models.schedule import stage_bounds
 
     loaded = []
     for preset, model in entries:
-        data = model.compress(x)
+        data = model.compress(x, rate_lambda=lam)
         if len(data) <= max_bytes:
             return BudgetFit(data, model, preset, model.config.stages)
         loaded.append((preset, model, len(data)))
@@ -275,8 +291,8 @@ def _fit(x: torch.Tensor, max_bytes: int, entries, downscale: bool = True) -> Bu
         best, best_tokens, smallest = None, -1, None
         for preset, model, full in loaded:  # best quality first: a tie keeps the higher one
             if downscale:
-                full = len(model.compress(x, downscale=downscale))
-            data, sent, size = _fit_stages(model, x, max_bytes, full, downscale)
+                full = len(model.compress(x, downscale=downscale, rate_lambda=lam))
+            data, sent, size = _fit_stages(model, x, max_bytes, full, downscale, lam)
             if data is None:
                 if smallest is None or size < smallest[0]:
                     smallest = (size, preset)
@@ -288,7 +304,7 @@ def _fit(x: torch.Tensor, max_bytes: int, entries, downscale: bool = True) -> Bu
         return best, smallest
 
     partial, smallest = most_tokens(0)
-    shrunk = _fit_downscaled(loaded, x, max_bytes) if downscale else None
+    shrunk = _fit_downscaled(loaded, x, max_bytes, lam) if downscale else None
     if partial is not None and shrunk is not None:
         return max((shrunk, partial), key=lambda fit: _fit_psnr(fit, x))
     if partial is not None or shrunk is not None:
@@ -298,7 +314,7 @@ def _fit(x: torch.Tensor, max_bytes: int, entries, downscale: bool = True) -> Bu
         partial, smallest = most_tokens(MAX_DOWNSCALE)
         how = f" with the image shrunk {1 << MAX_DOWNSCALE}x"
         if partial is not None:
-            partial = _best_decoded_stages(partial, x, MAX_DOWNSCALE)
+            partial = _best_decoded_stages(partial, x, MAX_DOWNSCALE, lam)
     if partial is None:
         size, preset = smallest
         what = f"preset {preset.label()}" if preset is not None else "the model"
@@ -318,19 +334,21 @@ def _coded_tokens(data: bytes) -> tuple[int, int]:
     return -(-ch // DOWNSAMPLING), -(-cw // DOWNSAMPLING)
 
 
-def _fit_downscaled(loaded, x: torch.Tensor, max_bytes: int) -> BudgetFit | None:
+def _fit_downscaled(loaded, x: torch.Tensor, max_bytes: int, lam: float) -> BudgetFit | None:
     """The complete file of the least downscaled image, best quality first, within the budget."""
     from pqmim_kernels.coding.pqm_format import MAX_DOWNSCALE
 
     for k in range(1, MAX_DOWNSCALE + 1):
         for preset, model, _ in loaded:
-            data = model.compress(x, downscale=k)
+            data = model.compress(x, downscale=k, rate_lambda=lam)
             if len(data) <= max_bytes:
                 return BudgetFit(data, model, preset, model.config.stages)
     return None
 
 
-def _best_decoded_stages(fit: BudgetFit, x: torch.Tensor, downscale: int) -> BudgetFit:
+def _best_decoded_stages(
+    fit: BudgetFit, x: torch.Tensor, downscale: int, lam: float = 0.0
+) -> BudgetFit:
     """Of the files of ``fit``'s model with 1 .. ``fit.stages_sent`` stages of the image shrunk
     ``2**downscale`` (all within the budget: fewer stages, fewer bytes), the one whose decode
     (greedy fill) has the highest PSNR; ties keep more stages. With so little sent the greedy
@@ -339,7 +357,7 @@ def _best_decoded_stages(fit: BudgetFit, x: torch.Tensor, downscale: int) -> Bud
     from pqmim_kernels.models.codec import shrink
 
     model = fit.model
-    codes = model.encode_codes(shrink(x, downscale).to(model._device()))[0]
+    codes = model.encode_codes(shrink(x, downscale).to(model._device()), lam)[0]
     size = (int(x.shape[2]), int(x.shape[3]))
     best, best_psnr = fit, _fit_psnr(fit, x)
     for stages in range(fit.stages_sent - 1, 0, -1):

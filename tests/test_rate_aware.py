@@ -1,0 +1,133 @@
+"""Rate-aware code assignment (``rate_lambda``): encoder-side only, so every file still decodes to
+exactly the codes the encoder chose, and the choice follows its rule."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from _tiny import TINY, make_coding_ready
+from PIL import Image
+
+from pqmim_kernels.cli.main import main
+from pqmim_kernels.models import (
+    PQMIM,
+    compress_image,
+    decompress_image,
+    load_model,
+    save_model,
+)
+
+LAMS = [0.0, 0.01, 0.1, 1.0]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = PQMIM(TINY).train()
+    with torch.no_grad():
+        m.quantize(m.encode_latent(_image(64, 64, 9).expand(4, 3, 64, 64)))
+    return make_coding_ready(m.eval(), 0)
+
+
+def _image(h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(1, 3, h // 8 + 1, w // 8 + 1, generator=g)
+    x = torch.nn.functional.interpolate(base, size=(h, w), mode="bilinear", align_corners=False)
+    return (x + 0.1 * torch.rand(1, 3, h, w, generator=g)).clamp(0, 1)
+
+
+def _sq_dist(model, x, codes):
+    """Total squared distance of the latent of ``x`` to the codewords ``codes`` picks."""
+    with torch.no_grad():
+        y = model.encode_latent(x)
+        q = model.quantizer.get_output_from_indices(codes.reshape(1, -1, TINY.num_subspaces))
+    return float(((y.reshape(q.shape) - q) ** 2).sum())
+
+
+def test_lambda_zero_is_the_nearest_codeword_assignment(model):
+    x = _image(48, 64, 1)
+    assert torch.equal(model.encode_codes(x, 0.0), model.encode_codes(x))
+    assert model.compress(x, rate_lambda=0) == model.compress(x)
+
+
+@pytest.mark.parametrize("lam", LAMS[1:])
+@pytest.mark.parametrize("stages", [None, 2])
+def test_files_decode_to_the_chosen_codes(model, lam, stages):
+    x = _image(80, 112, 2)
+    codes = model.encode_codes(x, lam)
+    data = model.compress(x, stages=stages, rate_lambda=lam)
+    # the codes of a stage depend only on earlier stages: any prefix is the same choice
+    assert data == model.compress_codes(codes[0], (80, 112), stages=stages)
+    got, size = model.decompress_codes(data)
+    if stages is None:
+        assert torch.equal(got, codes)
+    assert size == (80, 112)
+
+
+def test_larger_lambda_trades_distortion_for_rate(model):
+    xs = [_image(80, 112, s) for s in range(3)]
+    sizes, dists = [], []
+    for lam in LAMS:
+        sizes.append(sum(len(model.compress(x, rate_lambda=lam)) for x in xs))
+        dists.append(sum(_sq_dist(model, x, model.encode_codes(x, lam)) for x in xs))
+    # the nearest codewords have the least distortion; more lambda, fewer bytes
+    assert dists[0] == min(dists)
+    assert sizes[-1] < sizes[0]
+    assert all(a >= b for a, b in zip(sizes, sizes[1:]))
+    assert dists[-1] > dists[0]
+
+
+def test_huge_lambda_picks_the_most_likely_codes(model):
+    """An independent check of the rule: at lam -> inf only the bits count, so every code is
+    the most likely one in its context, which is what the decoder's greedy fill computes for
+    every stage after the first."""
+    x = _image(64, 80, 3)
+    codes = model.encode_codes(x, 1e12)
+    filled, _ = model.decompress_codes(model.compress(x, stages=1, rate_lambda=1e12))
+    assert torch.equal(codes, filled)
+    assert not torch.equal(codes, model.encode_codes(x))
+
+
+def test_compress_image_and_byte_budgets_use_lambda(model):
+    img = (_image(48, 64, 4)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    data = compress_image(img, model, rate_lambda=0.1)
+    assert data == model.compress(x, rate_lambda=0.1)
+    assert compress_image(img, model, max_bytes=10**6, rate_lambda=0.1) == data
+    assert decompress_image(data, model).shape == img.shape
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "0.1", True, None])
+def test_bad_lambda_is_refused(model, bad):
+    x = _image(16, 16)
+    with pytest.raises(ValueError, match="rate_lambda must be a"):
+        model.compress(x, rate_lambda=bad)
+    with pytest.raises(ValueError, match="rate_lambda must be a"):
+        model.encode_codes(x, bad)
+
+
+def test_cli_rate_lambda(tmp_path, model, capsys):
+    path = tmp_path / "tiny.pt"
+    save_model(model, path)
+    model = load_model(str(path))  # the file's fp16 weights: another model id
+    src = tmp_path / "in.png"
+    img = (_image(48, 64, 5)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(img).save(src)
+    sizes = {}
+    for lam in ("0", "1"):
+        out = tmp_path / f"l{lam}.pqm"
+        assert main(["compress", str(src), "-o", str(out), "--model", str(path),
+                     "--rate-lambda", lam]) == 0  # fmt: skip
+        printed = capsys.readouterr().out
+        sizes[lam] = out.stat().st_size
+        # the PSNR printed is that of the file's decode
+        want = decompress_image(out.read_bytes(), model).astype(np.float64)
+        mse = float(((want - img.astype(np.float64)) ** 2).mean())
+        got = float(re.search(r"PSNR ([\d.]+) dB", printed).group(1))
+        assert got == pytest.approx(10 * np.log10(255**2 / mse), abs=0.01)
+    assert sizes["1"] < sizes["0"]
+    for bad in ("-1", "nan", "x"):
+        with pytest.raises(SystemExit):
+            main(["compress", str(src), "-f", "--model", str(path), "--rate-lambda", bad])
+        assert "--rate-lambda" in capsys.readouterr().err
