@@ -515,3 +515,64 @@ def test_cli_merge_adds_real_pqmim_stage_sweep(image_dir, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main([*base, "--codecs", "pqmim", "--device", "cuda"]) == 1
         assert "--device cuda: CUDA is not available here" in capsys.readouterr().err
+
+
+def test_pqmim_setting_grammar_with_lambdas():
+    from pqmim_kernels.evaluation.codecs import lambda_settings, parse_setting
+
+    assert parse_setting("m.pt") == ("m.pt", None, None)
+    assert parse_setting("m.pt~0.002") == ("m.pt", None, 0.002)
+    assert parse_setting("m.pt@4~0.01") == ("m.pt", 4, 0.01)
+    assert parse_setting("m.pt~0.01@4") == ("m.pt", 4, 0.01)
+    assert parse_setting("runs/a~b/m.pt") == ("runs/a~b/m.pt", None, None)
+    for bad in ("m.pt~-1", "m.pt~nan", "m.pt~inf"):
+        with pytest.raises(ValueError, match="rate lambda in .* must be a finite number >= 0"):
+            parse_setting(bad)
+    assert lambda_settings(["a", "b@3"], [0, 0.002]) == ["a", "a~0.002", "b@3", "b@3~0.002"]
+    with pytest.raises(ValueError, match="--pqmim-lambdas: lambdas must be finite numbers >= 0"):
+        lambda_settings(["a"], [-1.0])
+
+
+def test_pareto_front():
+    from pqmim_kernels.evaluation.summary import pareto_front
+
+    # a point beaten by a cheaper one goes; at equal rate the better one stays
+    assert pareto_front([0.1, 0.2, 0.15, 0.3, 0.3], [20, 19, 21, 22, 23]) == (
+        [0.1, 0.15, 0.3],
+        [20, 21, 23],
+    )
+    assert pareto_front([0.3, 0.1, 0.2], [3, 1, 2]) == ([0.1, 0.2, 0.3], [1, 2, 3])
+    assert pareto_front([], []) == ([], [])
+
+
+def test_cli_pqmim_lambda_sweep(image_dir, tmp_path, capsys):
+    import torch
+
+    from pqmim_kernels.models import decompress_image, load_model
+
+    out = tmp_path / "rd"
+    base = ["eval", str(image_dir), "--out", str(out), "--no-progress", "--no-plot"]
+    rc = main([*base, "--codecs", "pqmim,jpeg", "--qualities", "jpeg=10,50",
+               "--pqmim-models", str(TINY_MODEL), "--pqmim-lambdas", "0,1"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads((out / "results.json").read_text())
+    pq = result["codecs"]["pqmim"]
+    assert sorted(p["setting"] for p in pq["points"]) == sorted(
+        [str(TINY_MODEL), f"{TINY_MODEL}~1"]
+    )
+    by = {p["setting"]: p for p in pq["points"]}
+    assert by[f"{TINY_MODEL}~1"]["bpp"] < by[str(TINY_MODEL)]["bpp"]
+    # the lambda file is what compress --rate-lambda writes, and decodes as measured
+    model = load_model(str(TINY_MODEL))
+    img = np.asarray(Image.open(image_dir / "im2.png"))
+    x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255
+    data = model.compress(x, rate_lambda=1.0)
+    rec = next(r for r in result["per_image"]
+               if r["setting"] == f"{TINY_MODEL}~1" and r["image"] == "im2.png")  # fmt: skip
+    assert rec["bytes"] == len(data)
+    assert rec["psnr"] == pytest.approx(psnr(img, decompress_image(data, model)), abs=1e-9)
+    capsys.readouterr()
+    assert main([*base, "--codecs", "jpeg", "--pqmim-lambdas", "0.1"]) == 1
+    assert "--pqmim-lambdas: add pqmim" in capsys.readouterr().err
+    assert main([*base, "--codecs", "pqmim", "--pqmim-lambdas", "0,x"]) == 1
+    assert "--pqmim-lambdas: expected comma-separated numbers" in capsys.readouterr().err

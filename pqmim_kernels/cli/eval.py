@@ -78,6 +78,14 @@ def register(subparsers) -> None:
         "full-quality point",
     )
     p.add_argument(
+        "--pqmim-lambdas",
+        default=None,
+        metavar="L1,L2,...",
+        help="also sweep each PQ-MIM model over rate-aware assignment lambdas (pqmim compress "
+        "--rate-lambda): setting MODEL~L; include 0 for the nearest-codeword point. Curves "
+        "and BD metrics use the Pareto front of all PQ-MIM points",
+    )
+    p.add_argument(
         "--device",
         default="cpu",
         help="device for PQ-MIM: cpu | cuda | cuda:N (with cuda, use --workers 1)",
@@ -130,6 +138,24 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--pqmim-stages: expected comma-separated integers, got {args.pqmim_stages!r}"
             ) from None
+    if args.pqmim_lambdas:
+        from pqmim_kernels.evaluation.codecs import lambda_settings, preset_names
+        from pqmim_kernels.evaluation.selection import group_pqmim
+
+        try:
+            lambdas = [float(v) for v in args.pqmim_lambdas.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"--pqmim-lambdas: expected comma-separated numbers, got {args.pqmim_lambdas!r}"
+            ) from None
+        names, picked = group_pqmim(names)
+        if "pqmim" not in names:
+            raise ValueError("--pqmim-lambdas: add pqmim (or pqmim@NAME) to --codecs")
+        if models is None:
+            models = list(picked or preset_names())
+        elif picked:
+            raise ValueError("give pqmim@NAME entries in --codecs or --pqmim-models, not both")
+        models = lambda_settings(models, lambdas)
     if args.device.startswith("cuda"):
         import torch
 

@@ -20,6 +20,7 @@ processing several images at once, and single-threaded timings are comparable ac
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -335,8 +336,9 @@ class PQMIMCodec(Codec):
     """The PQ-MIM learned codec. A setting is a model name or path: one rate point per model
     (PQ-MIM trains one model per (M, K)); ``"MODEL@N"`` sends only the first N coding stages of
     that model and lets the decoder fill the rest (hybrid mode, PQMIM.md §7), so one model gives
-    a sweep of lower-rate points (:func:`stage_settings`). The default sweep is every bundled
-    preset, by quality (:func:`preset_names`).
+    a sweep of lower-rate points (:func:`stage_settings`); ``"MODEL~L"`` codes with rate-aware
+    assignment at ``rate_lambda`` L (:func:`lambda_settings`; grammar: :func:`parse_setting`).
+    The default sweep is every bundled preset, by quality (:func:`preset_names`).
 
     Talks to ``pqmim_kernels.models`` through three functions only: ``load_model(name_or_path,
     device=...)``, ``compress_image(img, model=...[, stages=N]) -> bytes`` and
@@ -457,8 +459,10 @@ class PQMIMCodec(Codec):
         return out
 
     def encode(self, img: np.ndarray, setting: Any) -> bytes:
-        stages = split_setting(setting)[1]
-        kwargs = {} if stages is None else {"stages": stages}
+        _, stages, lam = parse_setting(setting)
+        kwargs: dict[str, Any] = {} if stages is None else {"stages": stages}
+        if lam:
+            kwargs["rate_lambda"] = lam
         return bytes(self.api().compress_image(img, model=self._model(setting), **kwargs))
 
     def decode(self, data: bytes, setting: Any) -> np.ndarray:
@@ -487,18 +491,57 @@ def _find_preset(name: str):
     return presets.find(name)
 
 
-def split_setting(setting: str) -> tuple[str, int | None]:
-    """``"model.pt@4"`` -> ``("model.pt", 4)``; ``"model.pt"`` -> ``("model.pt", None)``.
+def parse_setting(setting: str) -> tuple[str, int | None, float | None]:
+    """``"MODEL[@N][~L]"`` -> ``(MODEL, N or None, L or None)``: a model name or path, then
+    optionally ``@N`` (send the first N coding stages) and ``~L`` (rate-aware assignment with
+    ``rate_lambda`` L), in either order.
 
-    Only a trailing ``@`` + digits is a stage count, so paths containing ``@`` still work.
-    Raises ``ValueError`` for a stage count < 1.
+    Only a trailing ``@`` + digits is a stage count and a trailing ``~`` + a number a lambda, so
+    paths containing ``@`` or ``~`` still work. Raises ``ValueError`` for a stage count < 1 or
+    a lambda that is negative or not finite.
     """
-    name, at, tail = setting.rpartition("@")
-    if not at or not name or not tail.isdigit():
-        return setting, None
-    if int(tail) < 1:
-        raise ValueError(f"codec 'pqmim': stages in {setting!r} must be >= 1")
-    return name, int(tail)
+    name, stages, lam = setting, None, None
+    for _ in range(2):
+        head, at, tail = name.rpartition("@")
+        if stages is None and at and head and tail.isdigit():
+            if int(tail) < 1:
+                raise ValueError(f"codec 'pqmim': stages in {setting!r} must be >= 1")
+            name, stages = head, int(tail)
+            continue
+        head, tilde, tail = name.rpartition("~")
+        if lam is None and tilde and head:
+            try:
+                value = float(tail)
+            except ValueError:
+                break
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(
+                    f"codec 'pqmim': rate lambda in {setting!r} must be a finite number >= 0"
+                )
+            name, lam = head, value
+    return name, stages, lam
+
+
+def split_setting(setting: str) -> tuple[str, int | None]:
+    """``"model.pt@4"`` -> ``("model.pt", 4)``; ``"model.pt"`` -> ``("model.pt", None)``; a
+    ``~L`` lambda suffix is dropped (see :func:`parse_setting`)."""
+    name, stages, _ = parse_setting(setting)
+    return name, stages
+
+
+def lambda_settings(settings: Sequence[str], lambdas: Sequence[float]) -> list[str]:
+    """Each setting at each rate lambda: ``SETTING~L`` (``SETTING`` itself for L = 0)."""
+    out = []
+    for lam in lambdas:
+        if (
+            isinstance(lam, bool)
+            or not isinstance(lam, (int, float))
+            or not (math.isfinite(lam) and lam >= 0)
+        ):
+            raise ValueError(f"--pqmim-lambdas: lambdas must be finite numbers >= 0, got {lam!r}")
+    for s in settings:
+        out.extend(s if lam == 0 else f"{s}~{lam:g}" for lam in lambdas)
+    return out
 
 
 def stage_settings(models: Sequence[str], stages: Sequence[int]) -> list[str]:

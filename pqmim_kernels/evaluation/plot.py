@@ -1,7 +1,9 @@
 """The RD plot of an evaluation result: PSNR vs bpp and MS-SSIM (dB) vs bpp.
 
-Measured curves are solid lines with markers; published reference curves are dashed, grey-ish
-and labelled "published" so nobody mistakes them for runs. Uses matplotlib's Agg backend (no
+Measured curves are solid lines with markers through their Pareto front (the best point for each
+rate, :func:`.summary.pareto_front`); points off the front (a multi-model or lambda sweep) are
+faint markers. Published reference curves are dashed, grey-ish and labelled "published" so
+nobody mistakes them for runs. Uses matplotlib's Agg backend (no
 display needed).
 """
 
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import os
 from typing import Any
+
+from .summary import pareto_front
 
 
 def plot_rd(result: dict[str, Any], path: str | os.PathLike, title: str | None = None) -> None:
@@ -24,9 +28,15 @@ def plot_rd(result: dict[str, Any], path: str | os.PathLike, title: str | None =
         style = {"color": colors[i % len(colors)], "marker": "o", "markersize": 4, "lw": 1.6}
         if name == "pqmim":
             style.update(color="black", marker="*", markersize=9, lw=2.2)
-        ax_p.plot(c["bpp"], c["psnr"], label=c["label"], **style)
+        metrics = [(ax_p, c["psnr"])]
         if c.get("ms_ssim_db") is not None:
-            ax_m.plot(c["bpp"], c["ms_ssim_db"], label=c["label"], **style)
+            metrics.append((ax_m, c["ms_ssim_db"]))
+        for ax, quality in metrics:
+            fb, fq = pareto_front(c["bpp"], quality)
+            ax.plot(fb, fq, label=c["label"], **style)
+            if len(fb) < len(c["bpp"]):
+                ax.plot(c["bpp"], quality, ls="none", marker=style["marker"], alpha=0.3,
+                        markersize=style["markersize"] * 0.7, color=style["color"])  # fmt: skip
     ref_colors = plt.get_cmap("Dark2").colors
     for i, r in enumerate(result["references"].values()):
         ax_p.plot(

@@ -55,6 +55,24 @@ def _finite_curve(bpp: Sequence, quality: Sequence) -> tuple[list, list]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+def pareto_front(bpp: Sequence, quality: Sequence) -> tuple[list, list]:
+    """The points of a curve that no other point beats: sorted by bpp, each kept only if its
+    quality is above that of every point of lower (or equal) bpp. A sweep over several models,
+    stage counts or lambdas is a cloud of points; its front is the operational RD curve (the
+    best setting for each rate), and what BD metrics and plots use. A monotone curve is its
+    own front."""
+    out_b: list = []
+    out_q: list = []
+    for b, q in sorted(zip(bpp, quality), key=lambda p: (p[0], -p[1])):
+        if not out_q or q > out_q[-1]:
+            if out_b and out_b[-1] == b:  # same rate, better quality: replaces it
+                out_b.pop()
+                out_q.pop()
+            out_b.append(b)
+            out_q.append(q)
+    return out_b, out_q
+
+
 def _bd_entry(anchor: dict, test: dict, method: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, fn, metric in (
@@ -65,8 +83,8 @@ def _bd_entry(anchor: dict, test: dict, method: str) -> dict[str, Any]:
         if test.get(metric) is None or anchor.get(metric) is None:
             out[key] = None
             continue
-        ar, aq = _finite_curve(anchor["bpp"], anchor[metric])
-        tr, tq = _finite_curve(test["bpp"], test[metric])
+        ar, aq = pareto_front(*_finite_curve(anchor["bpp"], anchor[metric]))
+        tr, tq = pareto_front(*_finite_curve(test["bpp"], test[metric]))
         try:
             out[key] = fn(ar, aq, tr, tq, method=method)
         except ValueError as exc:

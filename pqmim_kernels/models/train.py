@@ -433,9 +433,11 @@ def _train(cfg: TrainConfig, model_config, images, log, hooks: dict) -> PQMIM:
     if warm_state is not None:
         model.load_state_dict(warm_state, strict=False)
         if is_main:
-            log(f"encoder and decoder taken from {cfg.warm_start}: stage 1 re-fits the PQ "
+            log(
+                f"encoder and decoder taken from {cfg.warm_start}: stage 1 re-fits the PQ "
                 f"(M={model_config.num_subspaces}, K={model_config.codebook_size}) by k-means "
-                "on their latents and fine-tunes")
+                "on their latents and fine-tunes"
+            )
     if vae_state is not None:
         model.load_state_dict(vae_state, strict=False)
         state = {"stage": 2, "step": 0, "elapsed": 0.0}
