@@ -131,3 +131,63 @@ def test_cli_rate_lambda(tmp_path, model, capsys):
         with pytest.raises(SystemExit):
             main(["compress", str(src), "-f", "--model", str(path), "--rate-lambda", bad])
         assert "--rate-lambda" in capsys.readouterr().err
+
+
+def test_byte_budget_raises_lambda_before_dropping_stages(model, monkeypatch):
+    """No complete file fits at the asked lambda: complete files at larger lambdas of the
+    grid join the PSNR competition with partial and shrunk files (rate_search)."""
+    import pqmim_kernels.models as models
+    from pqmim_kernels.coding import pqm_format as fmt
+    from pqmim_kernels.models import compress_to_fit
+
+    img = (_image(96, 128, 6)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    grid = (0.1, 1.0, 10.0)
+    monkeypatch.setattr(models, "BUDGET_LAMBDAS", grid)
+    sizes = [len(model.compress(x, rate_lambda=v)) for v in (0.0, *grid)]
+    assert sizes[2] < sizes[0]
+    budget = sizes[2]  # lambda 1 fits; 0 (and maybe 0.1) does not
+    want_lam = next(v for v, n in zip(grid, sizes[1:]) if n <= budget)
+    # score complete files above everything else: the rated file must win
+    monkeypatch.setattr(
+        models, "_fit_psnr",
+        lambda fit, x: 100.0 * fmt.unpack(fit.data)[0].stages_sent
+        - fmt.unpack(fit.data)[0].downscale,
+    )  # fmt: skip
+    fit = compress_to_fit(img, budget, model=model)
+    assert fit.data == model.compress(x, rate_lambda=want_lam)
+    assert fit.rate_lambda == want_lam and fit.stages_sent == TINY.stages and fit.preset is None
+    # without the search the same budget gives a partial or shrunk file
+    old = compress_to_fit(img, budget, model=model, rate_search=False)
+    assert old.rate_lambda == 0 and old.data != fit.data
+    assert compress_image(img, model, max_bytes=budget, rate_search=False) == old.data
+    with pytest.raises(ValueError, match="give candidates or model, not both"):
+        compress_to_fit(img, budget, [], model=model)
+
+
+def test_cli_max_bytes_says_which_lambda_it_used(tmp_path, model, monkeypatch, capsys):
+    import pqmim_kernels.models as models
+
+    path = tmp_path / "tiny.pt"
+    save_model(model, path)
+    loaded = load_model(str(path))
+    src = tmp_path / "in.png"
+    img = (_image(96, 128, 6)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(img).save(src)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    monkeypatch.setattr(models, "BUDGET_LAMBDAS", (1.0,))
+    budget = len(loaded.compress(x, rate_lambda=1.0))
+    assert budget < len(loaded.compress(x))
+    monkeypatch.setattr(models, "_fit_psnr", lambda fit, x: float(fit.rate_lambda))
+    out = tmp_path / "b.pqm"
+    assert main(["compress", str(src), "-o", str(out), "--model", str(path),
+                 "--max-bytes", str(budget)]) == 0  # fmt: skip
+    printed = capsys.readouterr()
+    assert out.read_bytes() == loaded.compress(x, rate_lambda=1.0)
+    assert printed.out.rstrip().endswith(", rate lambda 1")
+    assert "warning" not in printed.err  # a complete file: nothing predicted, nothing shrunk
+    # the PSNR printed is that of the file's decode (not of the nearest codes)
+    want = decompress_image(out.read_bytes(), loaded).astype(np.float64)
+    mse = float(((want - img.astype(np.float64)) ** 2).mean())
+    got = float(re.search(r"PSNR ([\d.]+) dB", printed.out).group(1))
+    assert got == pytest.approx(10 * np.log10(255**2 / mse), abs=0.01)

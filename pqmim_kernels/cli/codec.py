@@ -423,21 +423,21 @@ def run_compress(args) -> int:
     if args.stages is not None and args.stages > model.config.stages:
         raise ValueError(f"--stages {args.stages}: the model codes {model.config.stages} stages")
     t0 = time.perf_counter()
-    if preset is not None and args.max_bytes is not None:
-        data, model, preset, _ = compress_to_fit(
-            img, args.max_bytes, candidates, device=args.device,
-            downscale=not args.no_downscale, rate_lambda=args.rate_lambda,
+    lam = args.rate_lambda
+    if args.max_bytes is not None:
+        fit = compress_to_fit(
+            img, args.max_bytes, None if preset is None else candidates, device=args.device,
+            downscale=not args.no_downscale, rate_lambda=lam,
+            model=model if preset is None else None,
         )  # fmt: skip
+        data, model, preset, lam = fit.data, fit.model, fit.preset, fit.rate_lambda
     else:
-        data = compress_image(
-            img, model, stages=args.stages, max_bytes=args.max_bytes,
-            downscale=not args.no_downscale, rate_lambda=args.rate_lambda,
-        )  # fmt: skip
+        data = compress_image(img, model, stages=args.stages, rate_lambda=lam)
     dt = time.perf_counter() - t0
     total = model.config.stages
     write_output(out, data, args.force)
     sent, shrunk = _stages_sent(data), _downscale(data)
-    if sent == total and not shrunk and args.rate_lambda == 0:
+    if sent == total and not shrunk and lam == 0:
         # Decoding is bit-exact in the codes, so the decoder's image is the conv decoder applied
         # to the encoder's codes: no entropy decoding needed for the PSNR.
         recon = _reconstruct(img, model)
@@ -450,6 +450,7 @@ def run_compress(args) -> int:
         + ("" if sent == total else f" ({sent} of {total} stages)")
         + ("" if not shrunk else f" (image shrunk {1 << shrunk}x)")
         + ("" if preset is None else f", quality {preset.quality} (preset {preset.name})")
+        + ("" if lam == 0 else f", rate lambda {lam:g}")
     )
     if args.max_bytes is not None and sent < total:
         print(
