@@ -482,10 +482,10 @@ class PQMIM(nn.Module):
         y = latent[pos.to(latent.device), m * d : (m + 1) * d].float()  # (n, d)
         book = self.quantizer.codebooks[m].float().to(y.device)  # (K, d)
         dist = (y * y).sum(1, keepdim=True) - 2.0 * y @ book.T + (book * book).sum(1)[None]
-        c = torch.as_tensor(np.asarray(cdfs.cpu() if isinstance(cdfs, torch.Tensor) else cdfs))
-        c = c.to(torch.float64)
-        bits = torch.log2(c[:, -1:]) - torch.log2(c[:, 1:] - c[:, :-1])  # (n, K) exact lengths
-        return (dist.double() + lam * bits.to(dist.device)).argmin(dim=1)
+        c = cdfs if isinstance(cdfs, torch.Tensor) else torch.from_numpy(np.asarray(cdfs))
+        c = c.to(device=y.device, dtype=torch.float32)  # integers < 2^24: exact in float32
+        bits = torch.log2(c[:, -1:]) - torch.log2(c[:, 1:] - c[:, :-1])  # (n, K) code lengths
+        return torch.argmin(dist + lam * bits, dim=1)
 
     @torch.no_grad()
     def compress(
@@ -520,8 +520,10 @@ class PQMIM(nn.Module):
                 f"compress: downscale must be an int in [0, {pqm_format.MAX_DOWNSCALE}], "
                 f"got {downscale!r}"
             )
-        codes = self.encode_codes(shrink(x, downscale).to(self._device()), rate_lambda)[0]
-        return self.compress_codes(codes, (height, width), stages, downscale)
+        lam = check_rate_lambda(rate_lambda)
+        latent, codes = (t[0] for t in self._encode(shrink(x, downscale).to(self._device())))
+        rd = None if lam == 0.0 else (latent.reshape(-1, latent.shape[-1]), lam)
+        return self._write(codes, (height, width), stages, downscale, rd)  # one coding pass
 
     def _check_stages(self, stages) -> int:
         total = self.config.stages
@@ -552,6 +554,12 @@ class PQMIM(nn.Module):
         ``.pqm`` file (``h = ceil(H' / 16)``, ``w = ceil(W' / 16)`` for the coded size ``(H',
         W') = ceil((H, W) / 2**downscale)``). Exact: the same codes give the same bytes on every
         machine (what the golden tests pin)."""
+        return self._write(codes, size, stages, downscale)
+
+    def _write(self, codes, size, stages, downscale, rd=None) -> bytes:
+        """:meth:`compress_codes`; with ``rd`` (see :meth:`_code`) the sent codes are chosen
+        rate-aware while they are coded (``codes`` then only supplies the unsent stages) and
+        the header's code check covers the chosen ones."""
         from pqmim_kernels.coding import RansEncoder
 
         height, width = (int(v) for v in size)
@@ -570,7 +578,7 @@ class PQMIM(nn.Module):
             raise ValueError(f"compress_codes: codes must be integers in [0, {k})")
         flat = codes.reshape(h * w, m).to(self._device(), torch.int64)
         enc = RansEncoder(framing=PAYLOAD_FRAMING)
-        self._code((h, w), flat, stages, enc, decoding=False)
+        self._code((h, w), flat, stages, enc, decoding=False, rd=rd)
         order, cum, _ = self._schedule(h, w)
         check = pqm_format.code_check(
             flat.cpu().numpy()[order[: int(cum[stages])]], pqm_format.check_context(header)
