@@ -54,7 +54,7 @@ def test_every_model_case_is_present():
 def test_every_bundled_preset_has_a_golden_case():
     from pqmim_kernels.models import presets
 
-    for preset in presets.registry():
+    for preset in presets.every():
         assert preset.path.is_file(), f"preset {preset.name!r}: {preset.path} is missing"
         assert f"{preset.name}_sample" in CASES, f"preset {preset.name!r} has no golden case"
 

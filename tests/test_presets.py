@@ -324,3 +324,32 @@ def test_eval_preset_entry_errors(registry, photo, tmp_path, capsys):
         "model files go in --pqmim-models\n"
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_a_retired_model_still_decodes_its_files_but_no_longer_compresses(
+    registry, model_files, image, monkeypatch
+):
+    """Retiring a model (moving it to RETIRED) keeps every file it wrote decodable."""
+    old = load_model(str(model_files["other"]))
+    data = compress_image(image, old)
+    monkeypatch.setattr(presets, "RETIRED", (Preset("other", str(model_files["other"]), 0,
+                                                    "tiny, retired", 0.5),))  # fmt: skip
+    assert presets.names() == ("small", "big")  # not offered for compressing
+    assert [p.name for p in presets.every()] == ["small", "big", "other"]
+    assert "retired: decodes only" in presets.get("other").label()
+    got, preset = model_for_file(data)
+    assert preset.name == "other" and got.model_id() == old.model_id()
+    assert np.array_equal(decompress_image(data), decompress_image(data, old))
+    assert load_model("other").model_id() == old.model_id()
+    with pytest.raises(ValueError, match="no preset of quality 0"):
+        presets.by_quality(0)
+    monkeypatch.setattr(presets, "RETIRED", (Preset("big", "x.pt", 0, "clash", 0.5),))
+    with pytest.raises(RuntimeError, match="retired name 'big' is malformed or used"):
+        presets.registry()
+    monkeypatch.setattr(presets, "RETIRED", (Preset("old", "x.pt", 2, "bad", 0.5),))
+    with pytest.raises(RuntimeError, match="retired 'old' must have quality 0"):
+        presets.registry()
+
+
+def test_load_model_without_a_name_loads_the_default_preset(registry):
+    assert load_model().model_id() == load_model("small").model_id()

@@ -79,15 +79,18 @@ def save_model(model: PQMIM, path: str | os.PathLike, *, half: bool = True, extr
     torch.save(blob, str(path))
 
 
-def load_model(name_or_path: str = "default", device: str = "cpu") -> PQMIM:
+def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu") -> PQMIM:
     """Load a PQ-MIM model in eval mode, floats in fp32.
 
-    ``name_or_path``: a preset name (:func:`presets.names`: ``"default"``, ...; a preset name
+    ``name_or_path``: None for the default preset (:data:`presets.DEFAULT_PRESET`), a preset
+    name (:func:`presets.every`: the quality ladder and the retired models; a preset name
     wins over a file of that name in the working folder, write ``./NAME`` for the file) or the
     path of a file written by :func:`save_model` / ``pqmim train``. Raises
     ``FileNotFoundError`` for a missing file and ``ValueError`` for a file that is not a PQ-MIM
     model.
     """
+    if name_or_path is None:
+        name_or_path = presets.DEFAULT_PRESET
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"load_model: expected a name or path, got {type(name_or_path).__name__}")
     preset = presets.find(str(name_or_path))
@@ -97,7 +100,8 @@ def load_model(name_or_path: str = "default", device: str = "cpu") -> PQMIM:
             raise FileNotFoundError(f"load_model: no model file at {path} (preset {preset.name})")
         hint = ""
         if not path.suffix and len(path.parts) == 1:  # a bare word: a preset name mistyped?
-            hint = f"; nor is {str(name_or_path)!r} a preset ({', '.join(presets.names())})"
+            names = ", ".join(p.name for p in presets.every())
+            hint = f"; nor is {str(name_or_path)!r} a preset ({names})"
         raise FileNotFoundError(f"load_model: no model file at {path}{hint}")
     try:
         blob = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -441,7 +445,8 @@ def decompress_image(data: bytes, model: PQMIM | None = None, **fill_options) ->
 
 def model_for_file(data: bytes, device: str = "cpu") -> tuple[PQMIM, presets.Preset]:
     """The preset (and its loaded model) that made the ``.pqm`` file ``data``, found by the
-    model id in its header; the default preset is tried first, then by quality.
+    model id in its header; the default preset is tried first, then by quality, then the
+    retired ones.
 
     Raises ``ValueError`` for a file that is not a ``.pqm`` file or that no preset made (the
     message lists every preset's model id).
@@ -451,7 +456,7 @@ def model_for_file(data: bytes, device: str = "cpu") -> tuple[PQMIM, presets.Pre
     wanted = pqm_format.unpack(data)[0].model_id
     first = presets.default()
     tried = []
-    for preset in (first, *(p for p in presets.registry() if p != first)):
+    for preset in (first, *(p for p in presets.every() if p != first)):
         model = preset_model(preset, device)
         if model.model_id() == wanted:
             return model, preset

@@ -17,6 +17,12 @@ Adding a model: put its file (written by ``save_model``, fp16) under ``pqmim_ker
 add a :class:`Preset` to :data:`PRESETS`; qualities are 1, 2, 3, ... with no gaps, in the order
 of the nominal bpp. :func:`registry` checks that.
 
+Retiring a model: a file written by a bundled model must decode forever, so a model that a
+better one replaces moves to :data:`RETIRED` (quality 0) instead of leaving: it no longer
+compresses (not in :func:`registry`, ``--quality``, ``--max-bytes`` or the eval sweep), but
+``decompress_image`` still finds it by the model id of its files and ``load_model(NAME)``
+still loads it.
+
 This module imports no torch and reads no model file.
 """
 
@@ -31,8 +37,10 @@ __all__ = [
     "DEFAULT_PRESET",
     "PRESETS",
     "Preset",
+    "RETIRED",
     "by_quality",
     "default",
+    "every",
     "find",
     "get",
     "names",
@@ -69,6 +77,8 @@ class Preset:
 
     def label(self) -> str:
         """``"default (quality 1, ~0.22 bpp)"``: for messages."""
+        if self.quality == 0:
+            return f"{self.name} (retired: decodes only, ~{self.nominal_bpp:.2g} bpp)"
         return f"{self.name} (quality {self.quality}, ~{self.nominal_bpp:.2g} bpp)"
 
 
@@ -83,6 +93,8 @@ PRESETS: tuple[Preset, ...] = (
         nominal_bpp=0.168,
     ),
 )
+# Models that no longer compress but still decode the files they wrote (quality 0).
+RETIRED: tuple[Preset, ...] = ()
 # The preset used when none is chosen (compress_image/decompress_image without a model,
 # pqmim compress without --quality or --max-bytes).
 DEFAULT_PRESET = "default"
@@ -125,7 +137,18 @@ def registry() -> tuple[Preset, ...]:
             f"preset registry: the default preset {DEFAULT_PRESET!r} is not one of "
             f"{', '.join(p.name for p in presets)}"
         )
+    for p in RETIRED:
+        if p.name in seen or not _NAME.fullmatch(p.name):
+            raise RuntimeError(f"preset registry: retired name {p.name!r} is malformed or used")
+        if p.quality != 0:
+            raise RuntimeError(f"preset registry: retired {p.name!r} must have quality 0")
+        seen.add(p.name)
     return presets
+
+
+def every() -> tuple[Preset, ...]:
+    """Every bundled model: the :func:`registry` (by quality), then :data:`RETIRED`."""
+    return registry() + tuple(RETIRED)
 
 
 def names() -> tuple[str, ...]:
@@ -139,8 +162,8 @@ def qualities() -> tuple[int, ...]:
 
 
 def find(name: str) -> Preset | None:
-    """The preset called ``name``, or None."""
-    return next((p for p in registry() if p.name == name), None)
+    """The preset called ``name`` (retired ones too), or None."""
+    return next((p for p in every() if p.name == name), None)
 
 
 def get(name: str) -> Preset:

@@ -104,7 +104,7 @@ def cases() -> list[tuple[str, str, np.ndarray]]:
     from pqmim_kernels.models import presets
 
     out = [(f"tiny_{h}x{w}", str(TINY_MODEL), synthetic_image(h, w)) for h, w in SIZES]
-    for preset in presets.registry():
+    for preset in presets.every():
         if preset.path.is_file():
             out.append((f"{preset.name}_sample", str(preset.path), read_image(SAMPLE)))
     return out
