@@ -1,9 +1,10 @@
 """The RD plot of an evaluation result: PSNR vs bpp and MS-SSIM (dB) vs bpp.
 
 Measured curves are solid lines with markers through their Pareto front (the best point for each
-rate, :func:`.summary.pareto_front`); points off the front (a multi-model or lambda sweep) are
-faint markers. Published reference curves are dashed, grey-ish and labelled "published" so
-nobody mistakes them for runs. Uses matplotlib's Agg backend (no
+rate, :func:`.summary.pareto_front`); points off the front are faint markers, and a PQ-MIM sweep
+over several models also draws each model's own sweep (its stages or lambdas) as a thin line.
+Published reference curves are dashed, grey-ish and labelled "published" so nobody mistakes
+them for runs. Uses matplotlib's Agg backend (no
 display needed).
 """
 
@@ -13,6 +14,17 @@ import os
 from typing import Any
 
 from .summary import pareto_front
+
+
+def _by_model(curve: dict[str, Any]) -> dict[str, list[int]]:
+    """Indices of a PQ-MIM curve's points per model (the setting without ``@N`` / ``~L``)."""
+    from .codecs import parse_setting
+
+    out: dict[str, list[int]] = {}
+    for k, point in enumerate(curve.get("points", [])):
+        name = parse_setting(point["setting"])[0]
+        out.setdefault(os.path.basename(name), []).append(k)
+    return out
 
 
 def plot_rd(result: dict[str, Any], path: str | os.PathLike, title: str | None = None) -> None:
@@ -34,7 +46,14 @@ def plot_rd(result: dict[str, Any], path: str | os.PathLike, title: str | None =
         for ax, quality in metrics:
             fb, fq = pareto_front(c["bpp"], quality)
             ax.plot(fb, fq, label=c["label"], **style)
-            if len(fb) < len(c["bpp"]):
+            groups = _by_model(c) if name == "pqmim" else {}
+            if len(groups) > 1:  # each model's own sweep (stages, lambdas), thin and faint
+                for j, (model, idx) in enumerate(groups.items()):
+                    pts = sorted((c["bpp"][k], quality[k]) for k in idx)
+                    ax.plot(*zip(*pts), lw=0.9, marker="o", markersize=3, alpha=0.6,
+                            color=plt.get_cmap("Set1").colors[j % 9],
+                            label=f"  {model} (its sweep)")  # fmt: skip
+            elif len(fb) < len(c["bpp"]):
                 ax.plot(c["bpp"], quality, ls="none", marker=style["marker"], alpha=0.3,
                         markersize=style["markersize"] * 0.7, color=style["color"])  # fmt: skip
     ref_colors = plt.get_cmap("Dark2").colors
