@@ -1,4 +1,5 @@
-"""The bundled default model: present, small, and round-tripping the bundled sample image."""
+"""The bundled models: present, small, and round-tripping the bundled sample image (the default
+preset without a model argument)."""
 
 import re
 import subprocess
@@ -27,14 +28,18 @@ def sample():
     return read_image(SAMPLE)
 
 
-def test_default_model_is_bundled_and_small():
-    assert DEFAULT_MODEL_PATH.is_file()
-    assert DEFAULT_MODEL_PATH.stat().st_size < 20 * 2**20
-    model = load_model("default")
-    assert not model.training
-    cfg = model.config
+def test_bundled_models_are_there_and_small():
+    from pqmim_kernels.models import presets
+
+    assert DEFAULT_MODEL_PATH.is_file()  # the first bundled model (retired: decodes only)
+    assert sum(p.path.stat().st_size for p in presets.every()) < 40 * 2**20
+    for preset in presets.every():
+        assert preset.path.stat().st_size < 20 * 2**20
+        model = load_model(preset.name)
+        assert not model.training
+        assert bool(model.quantizer.initted)  # trained codebooks, not the random init
+    cfg = load_model("default").config
     assert (cfg.num_subspaces, cfg.codebook_size) == (8, 256)
-    assert bool(model.quantizer.initted)  # trained codebooks, not the random init
 
 
 def test_default_round_trip_on_sample(sample):
@@ -43,14 +48,14 @@ def test_default_round_trip_on_sample(sample):
     header, _ = fmt.unpack(data)
     assert (header.height, header.width) == (h, w)
     out = decompress_image(data)
-    model = load_model("default")
+    model = load_model()  # the default preset
     x = torch.from_numpy(sample.copy()).permute(2, 0, 1)[None].float() / 255
     ref = model.decode_codes(model.encode_codes(x), (h, w))
     ref8 = (ref[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     assert np.array_equal(out, ref8)
     bpp = 8 * len(data) / (h * w)
     assert bpp < model.config.raw_bpp + 8 * 11 / (h * w)  # the entropy model saves bits
-    assert psnr(sample, out) > 20.0  # a trained model, not noise (21.6 dB measured, README)
+    assert psnr(sample, out) > 20.0  # a trained model, not noise (README: the measured figure)
 
 
 def test_cli_on_bundled_sample(tmp_path):

@@ -76,6 +76,7 @@ def registry(model_files, monkeypatch):
         Preset("big", str(model_files["big"]), 2, "tiny, M=4", 1.0),
     )
     monkeypatch.setattr(presets, "PRESETS", tiny)
+    monkeypatch.setattr(presets, "RETIRED", ())
     monkeypatch.setattr(presets, "DEFAULT_PRESET", "small")
     return tiny
 
@@ -99,11 +100,17 @@ def photo(tmp_path, image):
 def test_bundled_registry_is_consistent():
     reg = presets.registry()
     assert [p.quality for p in reg] == list(range(1, len(reg) + 1))
-    assert presets.default().name == presets.DEFAULT_PRESET == "default"
-    assert presets.by_quality(1).name == "default"  # while it is the only one
-    for p in reg:
+    assert presets.default().name == presets.DEFAULT_PRESET
+    assert presets.default() in reg
+    for p in presets.every():
         assert p.path.parent == presets.DATA_DIR and p.path.is_file(), p
         assert p.description and p.nominal_bpp > 0
+    # every bundled model loads, and each preset's nominal rate is what its (M, K) allows
+    for p in reg:
+        cfg = load_model(p.name).config
+        assert p.nominal_bpp < cfg.raw_bpp, p
+    # the first bundled model is retired, not removed: its files must keep decoding
+    assert [p.name for p in presets.RETIRED] == ["default"]
 
 
 @pytest.mark.parametrize(

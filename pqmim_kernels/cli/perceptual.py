@@ -18,7 +18,9 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n")[1],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="default", help="a preset name or a model file")
+    p.add_argument(
+        "--model", default=None, help="a preset name or a model file (default: the default preset)"
+    )
     p.add_argument("--data", default="../shared/data/train", help="folder of training photos")
     p.add_argument("--out", required=True, help="the model file to write (with the decoder)")
     p.add_argument("--steps", type=int, default=2000, help="fine-tuning steps")

@@ -38,6 +38,8 @@ __all__ = [
     "save_model",
 ]
 
+# The first bundled model's file (preset "default", now retired: it decodes its files; the
+# default for compressing is presets.DEFAULT_PRESET).
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "data" / "default_model.pt"
 _FILE_KIND = "pqmim-model"
 # 2: entropy model v2 and its integer export (.pqm format 3). Version-1 files hold the first
