@@ -1,4 +1,4 @@
-"""End-to-end codec speed: the bundled default model on Kodak images (issue: entropy model v2).
+"""End-to-end codec speed: the default preset's model on Kodak images (issue: entropy model v2).
 
 ``pytest bench/bench_codec.py --benchmark-only`` times ``compress_image`` and
 ``decompress_image`` on 768x512 Kodak images (goal: <= 0.3 s each on the 2-core CPU machine),
@@ -26,7 +26,7 @@ def setup():
 
     if not KODAK.is_dir():
         pytest.skip(f"Kodak images not found at {KODAK}")
-    model = load_model("default")
+    model = load_model()  # the default preset (presets.DEFAULT_PRESET)
     imgs = [read_image(KODAK / name) for name in IMAGES]
     files = [compress_image(img, model) for img in imgs]  # warm-up (first-call costs)
     return model, imgs, files
