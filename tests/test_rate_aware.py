@@ -49,6 +49,9 @@ def test_lambda_zero_is_the_nearest_codeword_assignment(model):
     x = _image(48, 64, 1)
     assert torch.equal(model.encode_codes(x, 0.0), model.encode_codes(x))
     assert model.compress(x, rate_lambda=0) == model.compress(x)
+    # the rate-aware path's own distances (sub-space slices of the latent) agree with the
+    # quantizer's argmin: a vanishing lambda picks the nearest codewords too
+    assert torch.equal(model.encode_codes(x, 1e-12), model.encode_codes(x))
 
 
 @pytest.mark.parametrize("lam", LAMS[1:])
