@@ -120,6 +120,14 @@ def _check_out_folder(out: str) -> None:
     os.unlink(probe)
 
 
+def _number_list(text: str, kind, flag: str, what: str) -> list:
+    """``"1,2,3"`` -> ``[kind(v), ...]``; ``ValueError`` naming ``flag`` for anything else."""
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated {what}, got {text!r}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from pqmim_kernels.evaluation import runner
 
@@ -132,22 +140,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--pqmim-models: empty entry in {args.pqmim_models!r}")
     stages = None
     if args.pqmim_stages:
-        try:
-            stages = [int(v) for v in args.pqmim_stages.split(",")]
-        except ValueError:
-            raise ValueError(
-                f"--pqmim-stages: expected comma-separated integers, got {args.pqmim_stages!r}"
-            ) from None
+        stages = _number_list(args.pqmim_stages, int, "--pqmim-stages", "integers")
     if args.pqmim_lambdas:
         from pqmim_kernels.evaluation.codecs import lambda_settings, preset_names
         from pqmim_kernels.evaluation.selection import group_pqmim
 
-        try:
-            lambdas = [float(v) for v in args.pqmim_lambdas.split(",")]
-        except ValueError:
-            raise ValueError(
-                f"--pqmim-lambdas: expected comma-separated numbers, got {args.pqmim_lambdas!r}"
-            ) from None
+        lambdas = _number_list(args.pqmim_lambdas, float, "--pqmim-lambdas", "numbers")
         names, picked = group_pqmim(names)
         if "pqmim" not in names:
             raise ValueError("--pqmim-lambdas: add pqmim (or pqmim@NAME) to --codecs")

@@ -192,12 +192,10 @@ def compress_image(
         )
     if stages is not None:
         raise ValueError("compress_image: give stages or max_bytes, not both")
-    _check_budget(max_bytes)
-    if model is None:
-        return compress_to_fit(
-            img, max_bytes, downscale=downscale, rate_lambda=lam, rate_search=rate_search
-        ).data
-    return _fit(x, max_bytes, [(None, model)], downscale, lam, rate_search).data
+    fit = compress_to_fit(
+        img, max_bytes, downscale=downscale, rate_lambda=lam, rate_search=rate_search, model=model
+    )
+    return fit.data
 
 
 def _check_budget(max_bytes) -> None:

@@ -313,6 +313,9 @@ def _stage1(cfg, model, vae, net, opt, state, images, val_images, gen, device, r
         t0, c0 = t0 + (clock() - w), c0 + (time.process_time() - c)  # not in the budget
 
     state.setdefault("cpu_s", 0.0)
+    # the PQ switches on by k-means over many batches (not the first one) after the autoencoder
+    # warm-up or on a warm-started autoencoder
+    refit = cfg.ae_warmup > 0 or bool(cfg.warm_start)
     while True:
         elapsed = clock() - t0
         progress = max(
@@ -322,7 +325,6 @@ def _stage1(cfg, model, vae, net, opt, state, images, val_images, gen, device, r
         if progress >= 1.0:
             break
         quantize = bool(model.quantizer.initted) or progress >= cfg.ae_warmup
-        refit = cfg.ae_warmup > 0 or cfg.warm_start  # k-means on many batches, not the first
         if quantize and refit and not bool(model.quantizer.initted):
             validate(False)
             _kmeans_switch_on(model, vae, cfg, images, gen, device)
