@@ -13,7 +13,7 @@ import importlib
 import sys
 
 # module name -> the sub-commands it registers (for the error message when one fails to import)
-_SUBCOMMAND_MODULES = ("codec", "train", "eval", "perceptual")
+_SUBCOMMAND_MODULES = ("codec", "train", "eval", "perceptual", "refine")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,6 +52,10 @@ _MODEL_FLAGS = {
     "mim_depth": ("--mim-depth", "entropy-model transformer depth"),
     "mim_heads": ("--mim-heads", "entropy-model attention heads"),
     "stages": ("--stages", "coding stages S"),
+    "decoder_extra_blocks": (
+        "--decoder-extra-blocks",
+        "residual blocks in the decoder only, at strides 16, 8, 4",
+    ),
 }
 _EPILOG = """\
 example (every option at its default):
@@ -66,16 +70,25 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Defaults after every option's help; the epilog's example kept as written."""
 
 
-def _channels(text: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"channels must be 4 comma-separated ints, got {text!r}"
-        ) from None
-    if len(vals) != 4:
-        raise argparse.ArgumentTypeError(f"channels must be 4 comma-separated ints, got {text!r}")
-    return vals
+def int_list(count: int, what: str, minimum: int):
+    """An argparse ``type``: ``count`` comma-separated ints >= ``minimum`` as a tuple."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            vals = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            vals = ()
+        if len(vals) != count or min(vals) < minimum:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be {count} comma-separated ints >= {minimum}, got {text!r}"
+            )
+        return vals
+
+    return parse
+
+
+_channels = int_list(4, "channels", 1)
+_extra_blocks = int_list(3, "decoder extra blocks (strides 16, 8, 4)", 0)
 
 
 def dataclass_fields(path: Path, class_name: str) -> list[tuple[str, str, object, str]]:
@@ -168,10 +181,11 @@ def register(subparsers) -> None:
         if flag in taken:  # a model field named like a training option: prefix it
             flag = "--model-" + flag[2:]
         text = text or comment or f"PQMIMConfig.{name}"
-        if name == "channels":
+        if name in ("channels", "decoder_extra_blocks"):
             g.add_argument(
-                flag, dest=f"model_{name}", type=_channels, default=",".join(map(str, default)),
-                metavar="C1,C2,C3,C4", help=text,
+                flag, dest=f"model_{name}", default=",".join(map(str, default)), help=text,
+                type=_channels if name == "channels" else _extra_blocks,
+                metavar="C1,C2,C3,C4" if name == "channels" else "N16,N8,N4",
             )  # fmt: skip
         elif not _add_field(g, flag, f"model_{name}", annotation, default, text):
             continue

@@ -48,25 +48,48 @@ _FILE_KIND = "pqmim-model"
 _FILE_VERSION = 2
 
 
-def save_model(model: PQMIM, path: str | os.PathLike, *, half: bool = True, extra=None) -> None:
+def _config_dict(config: PQMIMConfig) -> dict:
+    cfg = dataclasses.asdict(config)
+    cfg["channels"] = list(cfg["channels"])
+    cfg["decoder_extra_blocks"] = list(cfg["decoder_extra_blocks"])
+    return cfg
+
+
+def _stored(t: torch.Tensor, half: bool) -> torch.Tensor:
+    t = t.detach().cpu()
+    if half and t.is_floating_point() and torch.isfinite(t.half()).all():
+        t = t.half()
+    return t.clone()
+
+
+def save_model(
+    model: PQMIM,
+    path: str | os.PathLike,
+    *,
+    half: bool = True,
+    extra=None,
+    variants: dict[str, PQMIM] | None = None,
+) -> None:
     """Write ``model`` (config + state dict) to ``path``.
 
     ``half``: store floating tensors as float16 where that is finite (halves the file; the model
     id is computed after loading, so encoder and decoder always agree). ``extra``: a small dict
     of metadata (training steps, ...).
+
+    ``variants``: ``{name: other model}`` stored in the same file at the cost of their decoder
+    only: each must equal ``model`` but for its decoder (and ``decoder_extra_blocks``), e.g. the
+    model whose decoder :func:`pqmim_kernels.models.refine.refine_decoder` refined into
+    ``model``; ``load_model(path, variant=name)`` gives it back with its own model id, so the
+    files it wrote keep decoding when the refined model replaces it (``presets.Preset.variant``).
+    Their decoder tensors are stored as float16 only where that is exact. The file is read back
+    once to check that every variant reproduces its model id (``ValueError`` if not, or if a
+    variant differs from ``model`` in more than its decoder).
     """
-    state = {}
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu()
-        if half and t.is_floating_point() and torch.isfinite(t.half()).all():
-            t = t.half()
-        state[name] = t.clone()
-    cfg = dataclasses.asdict(model.config)
-    cfg["channels"] = list(cfg["channels"])
+    state = {name: _stored(t, half) for name, t in model.state_dict().items()}
     blob = {
         "kind": _FILE_KIND,
         "version": _FILE_VERSION,
-        "config": cfg,
+        "config": _config_dict(model.config),
         "state_dict": state,
         "extra": extra or {},
     }
@@ -78,18 +101,73 @@ def save_model(model: PQMIM, path: str | os.PathLike, *, half: bool = True, extr
             k: v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu()
             for k, v in model.perceptual_decoder.state_dict().items()
         }
+    if variants:
+        blob["variants"] = {name: _variant_entry(model, m, name) for name, m in variants.items()}
     torch.save(blob, str(path))
+    for name in variants or {}:
+        try:
+            load_model(path, variant=name)
+        except ValueError as exc:
+            raise ValueError(
+                f"save_model: variant {name!r} does not survive storage in {path} ({exc}); its "
+                "shared weights must be what the file stores (fp16 with half=True)"
+            ) from exc
 
 
-def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu") -> PQMIM:
+def _variant_entry(model: PQMIM, other: PQMIM, name: str) -> dict:
+    """What ``other`` stores in ``model``'s file: its config, decoder and model id."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"save_model: variant names must be non-empty strings, got {name!r}")
+    mine, theirs = _config_dict(model.config), _config_dict(other.config)
+    differ = sorted(k for k in mine if mine[k] != theirs[k] and k != "decoder_extra_blocks")
+    if differ:
+        raise ValueError(
+            f"save_model: variant {name!r} differs from the model in {differ}; a variant may "
+            "differ in its decoder only"
+        )
+    a, b = model.state_dict(), other.state_dict()
+    shared = lambda sd: {k for k in sd if not k.startswith("decoder.")}  # noqa: E731
+    if shared(a) != shared(b) or any(not torch.equal(a[k].cpu(), b[k].cpu()) for k in shared(a)):
+        raise ValueError(
+            f"save_model: variant {name!r} has other encoder, quantizer or entropy-model weights "
+            "than the model; a variant may differ in its decoder only"
+        )
+    ia, ib = model._int_tensors, other._int_tensors
+    if (ia is None) != (ib is None) or (
+        ia is not None
+        and (ia.keys() != ib.keys() or any(not torch.equal(ia[k], ib[k]) for k in ia))
+    ) or model._int_meta != other._int_meta:
+        raise ValueError(f"save_model: variant {name!r} has another integer entropy model")
+    if other.perceptual_decoder is not None:
+        raise ValueError(f"save_model: variant {name!r} has a perceptual decoder (not stored)")
+    decoder = {}
+    for k, t in other.decoder.state_dict().items():
+        t = t.detach().cpu()
+        exact = t.is_floating_point() and torch.equal(t.half().float(), t.float())
+        decoder[k] = t.half().clone() if exact else t.clone()
+    return {
+        "config": theirs,
+        "decoder": decoder,
+        "model_id": other.model_id().hex(),
+    }
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    device: str = "cpu",
+    *,
+    variant: str | None = None,
+) -> PQMIM:
     """Load a PQ-MIM model in eval mode, floats in fp32.
 
     ``name_or_path``: None for the default preset (:data:`presets.DEFAULT_PRESET`), a preset
     name (:func:`presets.every`: the quality ladder and the retired models; a preset name
     wins over a file of that name in the working folder, write ``./NAME`` for the file) or the
-    path of a file written by :func:`save_model` / ``pqmim train``. Raises
-    ``FileNotFoundError`` for a missing file and ``ValueError`` for a file that is not a PQ-MIM
-    model.
+    path of a file written by :func:`save_model` / ``pqmim train``. ``variant``: a model stored
+    inside the file beside its own (``save_model(variants=...)``; a preset with
+    ``Preset.variant`` names it itself). Raises ``FileNotFoundError`` for a missing file and
+    ``ValueError`` for a file that is not a PQ-MIM model, a variant the file does not hold or one
+    that does not reproduce its model id.
     """
     if name_or_path is None:
         name_or_path = presets.DEFAULT_PRESET
@@ -97,6 +175,12 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu
         raise TypeError(f"load_model: expected a name or path, got {type(name_or_path).__name__}")
     preset = presets.find(str(name_or_path))
     path = preset.path if preset is not None else Path(name_or_path)
+    if preset is not None and preset.variant:
+        if variant not in (None, preset.variant):
+            raise ValueError(
+                f"load_model: preset {preset.name} is variant {preset.variant!r}, not {variant!r}"
+            )
+        variant = preset.variant
     if not path.is_file():
         if preset is not None:
             raise FileNotFoundError(f"load_model: no model file at {path} (preset {preset.name})")
@@ -118,25 +202,45 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "cpu
             f"version {_FILE_VERSION} (entropy model v2, .pqm format 3). A version-1 file's "
             "PQ-VAE can be reused: pqmim train --init-from FILE trains a new entropy model for it"
         )
-    model = PQMIM(PQMIMConfig.from_dict(blob["config"]))
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in blob["state_dict"].items()}
-    model.load_state_dict(state)
+    config, state = blob["config"], dict(blob["state_dict"])
+    entry = None
+    if variant is not None:
+        held = blob.get("variants") or {}
+        if variant not in held:
+            raise ValueError(
+                f"load_model: {path} holds no variant {variant!r} "
+                f"(it holds: {', '.join(sorted(held)) or 'none'})"
+            )
+        entry = held[variant]
+        config = entry["config"]
+        state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
+        state.update({f"decoder.{k}": v for k, v in entry["decoder"].items()})
+    model = PQMIM(PQMIMConfig.from_dict(config))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     if "int_entropy_model" in blob:
         im = blob["int_entropy_model"]
         model.set_int_entropy_model(im["tensors"], im["meta"])
-    if "perceptual_decoder" in blob:
+    if "perceptual_decoder" in blob and entry is None:
         from pqmim_kernels.models.pqvae import Decoder
 
         dec = Decoder.from_config(model.config)
         dec.load_state_dict({k: v.float() for k, v in blob["perceptual_decoder"].items()})
         model.perceptual_decoder = dec.eval()
     model.training_info = blob.get("extra", {})
+    if entry is not None:
+        got = model.model_id().hex()
+        if got != entry["model_id"]:
+            raise ValueError(
+                f"load_model: variant {variant!r} of {path} gives model id {got}, not the "
+                f"{entry['model_id']} it was saved with: the file is damaged"
+            )
+        model.training_info = {**model.training_info, "variant": variant}
     return model.to(device).eval()
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_model(path: str, stamp: int, device: str) -> PQMIM:
-    return load_model(path, device=device)
+def _cached_model(path: str, stamp: int, device: str, variant: str) -> PQMIM:
+    return load_model(path, device=device, variant=variant or None)
 
 
 def preset_model(preset: presets.Preset, device: str = "cpu") -> PQMIM:
@@ -146,7 +250,7 @@ def preset_model(preset: presets.Preset, device: str = "cpu") -> PQMIM:
         stamp = preset.path.stat().st_mtime_ns
     except OSError:
         return load_model(preset.name, device=device)  # raises, naming the preset
-    return _cached_model(str(preset.path), stamp, device)
+    return _cached_model(str(preset.path), stamp, device, preset.variant)
 
 
 def _as_tensor(img: np.ndarray) -> torch.Tensor:

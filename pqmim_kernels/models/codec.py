@@ -363,16 +363,23 @@ class PQMIM(nn.Module):
 
     def int_state(self) -> tuple[dict[str, torch.Tensor], dict] | None:
         """``(tensors, meta)`` of the integer entropy model (for saving), or None. int64 tensors
-        whose values fit are given as int32 (the embedding tables are most of the model: half
-        the file size); loading widens them back, so the integers are the same."""
+        are given in the narrowest of int16 / int32 that holds their values (the embedding
+        tables are most of the model, and their values are small); loading widens them back
+        to int64, so the integers, and the model id, are the same."""
         if self._int_tensors is None:
             return None
         small = {}
         for k, v in self._int_tensors.items():
-            fits = v.dtype == torch.int64 and (
-                v.numel() == 0 or int(v.abs().max()) < (1 << 31) - 1
-            )
-            small[k] = v.to(torch.int32) if fits else v
+            if v.dtype != torch.int64:
+                small[k] = v
+                continue
+            peak = int(v.abs().max()) if v.numel() else 0
+            if peak < (1 << 15) - 1:
+                small[k] = v.to(torch.int16)
+            elif peak < (1 << 31) - 1:
+                small[k] = v.to(torch.int32)
+            else:
+                small[k] = v
         return small, dict(self._int_meta)
 
     # ---- coding ----

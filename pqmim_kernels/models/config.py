@@ -10,7 +10,13 @@ __all__ = ["PQMIMConfig"]
 # Fields added after the first bundled model: left out of ``to_json`` (hence of the model id)
 # while they hold their default, so models trained before they existed keep their model id and
 # every ``.pqm`` file written with them still decodes.
-_OMIT_WHEN_DEFAULT = ("res_blocks_8", "attention_blocks", "stem", "latent_norm")
+_OMIT_WHEN_DEFAULT = (
+    "res_blocks_8",
+    "attention_blocks",
+    "stem",
+    "latent_norm",
+    "decoder_extra_blocks",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +49,9 @@ class PQMIMConfig:
     - ``latent_norm``: per-token normalisation of the latent before the quantizer: ``"layer"``
       (LayerNorm over D, default) or ``"l2"`` (each of the M sub-vectors scaled to norm
       ``sqrt(D / M)``: cosine-like lookups per sub-space).
+    - ``decoder_extra_blocks``: ``(n16, n8, n4)`` residual blocks in g_s only, at strides 16, 8
+      and 4 (default none). :func:`pqmim_kernels.models.refine.refine_decoder` grows a trained
+      decoder with them (each starts as the identity) and trains it on the model's fixed codes.
     """
 
     channels: tuple[int, int, int, int] = (32, 64, 96, 128)
@@ -65,9 +74,19 @@ class PQMIMConfig:
     attention_blocks: int = 0  # self-attention blocks at stride 16 on each side
     stem: str = "conv"  # full-resolution layer: "conv" (5x5 stride 2) | "unshuffle"
     latent_norm: str = "layer"  # latent normalisation: "layer" (LayerNorm) | "l2" (sub-space)
+    decoder_extra_blocks: tuple[int, int, int] = (0, 0, 0)  # g_s only, at strides 16, 8, 4
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        extra = self.decoder_extra_blocks
+        if not isinstance(extra, (tuple, list)) or len(extra) != 3 or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in extra
+        ):
+            raise ValueError(
+                f"PQMIMConfig: decoder_extra_blocks must be 3 ints >= 0 (strides 16, 8, 4), "
+                f"got {extra!r}"
+            )
+        object.__setattr__(self, "decoder_extra_blocks", tuple(extra))
         if len(self.channels) != 4 or min(self.channels) < 1:
             raise ValueError(f"PQMIMConfig: channels must be 4 positive ints, got {self.channels}")
         for name in ("latent_dim", "num_subspaces", "mim_width", "mim_depth", "mim_heads"):

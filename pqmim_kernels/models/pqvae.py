@@ -33,6 +33,7 @@ __all__ = [
     "Encoder",
     "ResBlock",
     "SubspaceL2Norm",
+    "grow_decoder",
 ]
 
 DOWNSAMPLING = 16
@@ -219,6 +220,10 @@ class Decoder(nn.Module):
     4×4 stride-2 transposed convs each followed by a 3×3 conv (``res_blocks_8`` residual blocks
     after the one at stride 8), and the stem's inverse (``"conv"``: a 4×4 stride-2 transposed
     conv to RGB; ``"unshuffle"``: a 3×3 conv to 12 channels and PixelShuffle(2)).
+
+    ``extra_blocks = (n16, n8, n4)``: residual blocks of g_s only (the encoder has none), after
+    the other layers at strides 16, 8 and 4. Their last conv starts at zero, so a decoder grown
+    with them (:func:`grow_decoder`) first computes exactly what it computed before.
     """
 
     def __init__(
@@ -230,40 +235,99 @@ class Decoder(nn.Module):
         res_blocks_8: int = 0,
         attention_blocks: int = 0,
         stem: str = "conv",
+        extra_blocks: tuple[int, int, int] = (0, 0, 0),
     ) -> None:
         super().__init__()
         _check_arch(stem, res_blocks, res_blocks_8, attention_blocks)
+        if len(extra_blocks) != 3 or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in extra_blocks
+        ):
+            raise ValueError(f"PQ-VAE: extra_blocks must be 3 ints >= 0, got {extra_blocks!r}")
         c1, c2, c3, c4 = channels
+        e16, e8, e4 = extra_blocks
         if stem == "conv":
             tail = [_up(c1, 3)]
         else:
             tail = [nn.Conv2d(c1, 12, 3, padding=1), nn.PixelShuffle(2)]
-        self.net = nn.Sequential(
+        layers = [
             nn.Conv2d(latent_dim, c4, 1),
             *[AttentionBlock(c4) for _ in range(attention_blocks)],
             *[ResBlock(c4) for _ in range(res_blocks)],
+            *[_extra(c4, 16, j) for j in range(e16)],
             nn.GELU(),
             _up(c4, c3),
             nn.GELU(),
             nn.Conv2d(c3, c3, 3, padding=1),
             *[ResBlock(c3) for _ in range(res_blocks_8)],
+            *[_extra(c3, 8, j) for j in range(e8)],
             nn.GELU(),
             _up(c3, c2),
             nn.GELU(),
             nn.Conv2d(c2, c2, 3, padding=1),
+            *[_extra(c2, 4, j) for j in range(e4)],
             nn.GELU(),
             _up(c2, c1),
             nn.GELU(),
             nn.Conv2d(c1, c1, 3, padding=1),
             nn.GELU(),
             *tail,
-        )
+        ]
+        self.net = nn.Sequential(*layers)
+
+    def _tags(self) -> list:
+        """One tag per layer of ``net``: ``("extra", stride, j)`` for extra blocks, else
+        ``("base", i)`` with ``i`` counting the other layers (the same in every decoder of one
+        base architecture, whatever its extra blocks)."""
+        tags, i = [], 0
+        for mod in self.net:
+            tag = getattr(mod, "extra_tag", None)
+            if tag is None:
+                tag, i = ("base", i), i + 1
+            tags.append(tag)
+        return tags
 
     @classmethod
     def from_config(cls, config) -> Decoder:
         """g_s of a :class:`PQMIMConfig`."""
         a = _arch(config)
-        return cls(a.pop("channels"), a.pop("latent_dim"), a.pop("res_blocks"), **a)
+        return cls(
+            a.pop("channels"),
+            a.pop("latent_dim"),
+            a.pop("res_blocks"),
+            extra_blocks=config.decoder_extra_blocks,
+            **a,
+        )
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.net(y) + 0.5
+
+
+def _extra(channels: int, stride: int, j: int) -> ResBlock:
+    block = ResBlock(channels)
+    nn.init.zeros_(block.body[-1].weight)
+    nn.init.zeros_(block.body[-1].bias)
+    block.extra_tag = ("extra", stride, j)
+    return block
+
+
+def grow_decoder(old: Decoder, new: Decoder) -> Decoder:
+    """Copy ``old``'s weights into ``new`` in place (and return it): ``new`` must be the same
+    decoder with at least as many extra blocks at each stride (``Decoder(extra_blocks=...)``).
+    Extra blocks ``old`` lacks keep their zero-initialised last conv, so ``new`` computes
+    exactly what ``old`` does until it is trained. Raises ``ValueError`` on a mismatch."""
+    by_tag = dict(zip(old._tags(), old.net))
+    new_tags = new._tags()
+    missing = sorted(set(by_tag) - set(new_tags))
+    if missing:
+        raise ValueError(f"grow_decoder: the new decoder lacks layers {missing} of the old one")
+    for tag, mod in zip(new_tags, new.net):
+        src = by_tag.get(tag)
+        if src is None:
+            if tag[0] != "extra":
+                raise ValueError(f"grow_decoder: the old decoder has no layer {tag}")
+            continue
+        try:
+            mod.load_state_dict(src.state_dict())
+        except RuntimeError as exc:
+            raise ValueError(f"grow_decoder: layer {tag} differs in shape ({exc})") from exc
+    return new

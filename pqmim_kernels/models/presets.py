@@ -69,6 +69,7 @@ class Preset:
     quality: int
     description: str
     nominal_bpp: float
+    variant: str = ""
 
     @property
     def path(self) -> Path:

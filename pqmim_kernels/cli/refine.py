@@ -1,0 +1,86 @@
+"""``pqmim refine-decoder``: train a model's decoder longer, and larger, on its fixed codes.
+
+Codes every training photo once with the model's encoder and quantizer, grows the decoder by
+``--extra-blocks`` residual blocks (each starting as the identity) and trains it with MSE on
+those codes (:mod:`pqmim_kernels.models.refine`); held-out photos (every 10th) are measured
+along the way. The encoder, quantizer and entropy model are unchanged, so files cost the same
+bits; the refined model has a new model id. ``--keep-variant NAME`` stores the source model's
+decoder in the new file too, so the files the source model wrote still decode from it
+(``load_model(FILE, variant=NAME)``; how the bundled presets retire a model).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pqmim_kernels.cli.train import int_list
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "refine-decoder",
+        help="train a model's decoder (grown by residual blocks) on its fixed codes",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model", default=None, help="a preset name or a model file (default: the default preset)"
+    )
+    p.add_argument("--data", default="../shared/data/train", help="folder of training photos")
+    p.add_argument("--out", required=True, help="the model file to write")
+    p.add_argument(
+        "--run-dir", required=True,
+        help="folder for checkpoint.pt and log.jsonl (an existing checkpoint is resumed)",
+    )  # fmt: skip
+    p.add_argument(
+        "--extra-blocks", type=int_list(3, "--extra-blocks (strides 16, 8, 4)", 0),
+        default=(2, 2, 1),
+        help="residual blocks to add at strides 16,8,4",
+    )  # fmt: skip
+    p.add_argument("--steps", type=int, default=5000, help="training steps (without --minutes)")
+    p.add_argument(
+        "--minutes", type=float, default=0.0,
+        help="CPU-minutes budget; sets the schedule instead of --steps (0 = none)",
+    )  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", type=int, default=256, help="loss window side (multiple of 16)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    p.add_argument("--max-images", type=int, default=0, help="use the first N photos (0 = all)")
+    p.add_argument(
+        "--keep-variant", default=None, metavar="NAME",
+        help="also store the source model as variant NAME of the new file",
+    )  # fmt: skip
+    p.add_argument("-f", "--force", action="store_true", help="overwrite an existing --out")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from pqmim_kernels.cli.codec import check_output
+    from pqmim_kernels.models import load_model, save_model
+    from pqmim_kernels.models.refine import RefineConfig, refine_decoder
+    from pqmim_kernels.models.train import load_images, split_holdout
+
+    cfg = RefineConfig(
+        extra_blocks=args.extra_blocks,
+        steps=args.steps,
+        minutes=args.minutes,
+        batch_size=args.batch_size,
+        crop=args.crop,
+        lr=args.lr,
+        progress=True,
+    )
+    check_output(args.out, [], args.force)
+    model = load_model(args.model)
+    train, held = split_holdout(load_images(args.data, args.max_images), 10)
+    refined = refine_decoder(model, train, held, cfg, args.run_dir, log=print)
+    variants = {args.keep_variant: model} if args.keep_variant else None
+    save_model(refined, Path(args.out), extra=refined.training_info, variants=variants)
+    written = load_model(Path(args.out))  # the id of what was stored (fp16), not of the fp32 copy
+    print(
+        f"pqmim refine-decoder: wrote {args.out} (model id {written.model_id().hex()}"
+        + (f"; variant {args.keep_variant} = model id {model.model_id().hex()}" if variants else "")
+        + ")"
+    )
+    return 0

@@ -1,0 +1,340 @@
+"""Decoder refinement: train g_s (optionally grown) on a trained model's fixed codes.
+
+The encoder, product quantizer and entropy model stay exactly as they are, so the codes of an
+image and their cost in bits do not change; only the picture the decoder draws from them does.
+This is the cheap half of a longer stage 1 (PQMIM.md §7): with the codes fixed there is no
+encoder to run or back-propagate through, and no entropy model to retrain.
+
+:func:`refine_decoder`
+
+1. codes every training photo **whole** (edge-padded to 16, as the codec does) once, nearest
+   codewords, and keeps the codes;
+2. grows the decoder with ``extra_blocks`` residual blocks at strides 16, 8, 4
+   (:func:`pqmim_kernels.models.pqvae.grow_decoder`: each starts as the identity, so step 0
+   decodes exactly like the source model);
+3. trains it with MSE on random token-aligned windows of those code grids (no flips: codes are
+   not flip-equivariant). A window is ``crop/16 + 2`` tokens wide; the loss leaves out the
+   16-px margin along window edges that are not image edges, where the decoder's zero padding
+   sees no neighbours that the whole-image decode would see;
+4. measures the PSNR of the held-out photos (whole, clamped, as the codec decodes) every
+   ``val_every`` steps, checkpoints every ``save_every`` steps (resumable) and logs JSON lines.
+
+The refined model has a new config (``decoder_extra_blocks``) and decoder, hence a new model id:
+files written with the source model still need the source model (retire it, do not replace it;
+:mod:`pqmim_kernels.models.presets`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pqmim_kernels.models.codec import PQMIM, pad_to_multiple
+from pqmim_kernels.models.pqvae import DOWNSAMPLING, Decoder, grow_decoder
+
+__all__ = ["RefineConfig", "code_images", "refine_decoder", "refined_model"]
+
+
+@dataclasses.dataclass
+class RefineConfig:
+    """Options of :func:`refine_decoder`.
+
+    ``extra_blocks``: residual blocks to add at strides 16, 8, 4 (on top of what the source
+    decoder has). ``steps``: schedule length; ``minutes`` > 0: a CPU-minutes budget that sets
+    the schedule instead (cosine over the budget, ``budget_clock`` = process CPU time, which
+    other jobs on the machine do not change). ``crop``: the loss window side in pixels
+    (multiple of 16). ``lr``: peak Adam learning rate (warm-up ``warmup`` steps, cosine to 10 %).
+    """
+
+    extra_blocks: tuple[int, int, int] = (0, 0, 0)
+    steps: int = 5000
+    minutes: float = 0.0
+    batch_size: int = 8
+    crop: int = 256
+    lr: float = 2e-4
+    warmup: int = 100
+    seed: int = 0
+    log_every: int = 50
+    val_every: int = 500
+    save_every: int = 250
+    progress: bool = False  # a tqdm bar (steps, or CPU seconds of the budget)
+
+    def __post_init__(self) -> None:
+        self.extra_blocks = tuple(self.extra_blocks)
+        if len(self.extra_blocks) != 3 or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.extra_blocks
+        ):
+            raise ValueError(
+                f"RefineConfig: extra_blocks must be 3 ints >= 0, got {self.extra_blocks!r}"
+            )
+        if self.crop < DOWNSAMPLING or self.crop % DOWNSAMPLING:
+            raise ValueError(
+                f"RefineConfig: crop must be a positive multiple of 16, got {self.crop}"
+            )
+        for name in ("steps", "batch_size", "log_every", "val_every", "save_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"RefineConfig: {name} must be a positive int, got {v!r}")
+        if not (math.isfinite(self.minutes) and self.minutes >= 0):
+            raise ValueError(f"RefineConfig: minutes must be >= 0, got {self.minutes!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"RefineConfig: lr must be > 0, got {self.lr!r}")
+
+
+@torch.no_grad()
+def code_images(model: PQMIM, images: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(codes (h, w, M) int64, padded image (3, 16h, 16w) uint8), ...]`` for uint8 (3, H, W)
+    images, coded whole with nearest codewords (``model.encode_codes`` on the edge-padded
+    image, exactly what the codec codes)."""
+    out = []
+    for img in images:
+        if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[0] != 3:
+            raise ValueError(
+                f"code_images: expected uint8 (3, H, W) images, got {img.dtype} {tuple(img.shape)}"
+            )
+        x = pad_to_multiple(img[None].float().div(255.0))
+        codes = model.encode_codes(x)[0].cpu()
+        out.append((codes, (x[0] * 255.0).round().to(torch.uint8)))
+    return out
+
+
+def refined_model(model: PQMIM, extra_blocks: tuple[int, int, int]) -> PQMIM:
+    """A copy of ``model`` whose decoder has ``extra_blocks`` more residual blocks at strides 16,
+    8, 4 (each the identity until trained); everything else (encoder, quantizer, entropy model
+    and its integer export) is the same. Eval mode, on ``model``'s device."""
+    have = model.config.decoder_extra_blocks
+    total = tuple(a + b for a, b in zip(have, extra_blocks))
+    config = dataclasses.replace(model.config, decoder_extra_blocks=total)
+    new = PQMIM(config)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("decoder.") for k in missing):
+        raise ValueError(f"refined_model: state mismatch ({missing}, {unexpected})")
+    grow_decoder(model.decoder, new.decoder)
+    int_state = model.int_state()
+    if int_state is not None:
+        new.set_int_entropy_model(*int_state)
+    new.training_info = dict(getattr(model, "training_info", {}) or {})
+    device = next(model.parameters()).device
+    return new.to(device).eval()
+
+
+def _windows(coded, tokens: int, batch: int, gen: torch.Generator, quantizer, device):
+    """A batch of code windows ``tokens`` wide: ``(y (B, D, t, t), x (B, 3, 16t, 16t) float,
+    mask (B, 1, 16t, 16t) bool)``; the mask drops the 16-px margin along window edges that are
+    not image edges (windows of images smaller than ``tokens`` are edge-replicated there)."""
+    f = DOWNSAMPLING
+    ys, xs, ms = [], [], []
+    for _ in range(batch):
+        codes, img = coded[int(torch.randint(len(coded), (1,), generator=gen))]
+        h, w, m = codes.shape
+        th, tw = min(tokens, h), min(tokens, w)
+        r = int(torch.randint(h - th + 1, (1,), generator=gen))
+        c = int(torch.randint(w - tw + 1, (1,), generator=gen))
+        cw = codes[r : r + th, c : c + tw]
+        px = img[:, r * f : (r + th) * f, c * f : (c + tw) * f]
+        mask = torch.ones(1, th * f, tw * f, dtype=torch.bool)
+        if r > 0:
+            mask[:, :f] = False
+        if c > 0:
+            mask[:, :, :f] = False
+        if r + th < h:
+            mask[:, -f:] = False
+        if c + tw < w:
+            mask[:, :, -f:] = False
+        if th < tokens or tw < tokens:  # pad to the batch's window size, outside the loss
+            pt, pw = tokens - th, tokens - tw
+            cw = F.pad(cw.permute(2, 0, 1)[None].float(), (0, pw, 0, pt), "replicate")
+            cw = cw[0].permute(1, 2, 0).long()
+            px = F.pad(px[None].float(), (0, pw * f, 0, pt * f), "replicate")[0]
+            mask = F.pad(mask, (0, pw * f, 0, pt * f), value=False)
+        ys.append(cw)
+        xs.append(px)
+        ms.append(mask)
+    codes = torch.stack(ys).to(device)
+    b, t, _, m = codes.shape
+    y = quantizer.get_output_from_indices(codes.reshape(b, t * t, m)).reshape(b, t, t, -1)
+    x = torch.stack(xs).to(device).float() / 255.0
+    return y.permute(0, 3, 1, 2).float(), x, torch.stack(ms).to(device)
+
+
+@torch.no_grad()
+def _val_psnr(decoder: Decoder, quantizer, coded, sizes) -> float:
+    was = decoder.training
+    decoder.eval()
+    sq, px = 0.0, 0
+    try:
+        for (codes, img), (hh, ww) in zip(coded, sizes):
+            h, w, m = codes.shape
+            y = quantizer.get_output_from_indices(codes.reshape(1, h * w, m)).reshape(1, h, w, -1)
+            x_hat = decoder(y.permute(0, 3, 1, 2).float())[..., :hh, :ww].clamp(0.0, 1.0)
+            x = img[None, :, :hh, :ww].float().to(x_hat.device) / 255.0
+            sq += float(((x_hat - x) ** 2).sum())
+            px += x.numel()
+    finally:
+        decoder.train(was)
+    return -10 * math.log10(max(sq / px, 1e-10))
+
+
+def _lr_factor(progress: float, step: int, warmup: int) -> float:
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    return warm * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def refine_decoder(
+    model: PQMIM,
+    train_images: list,
+    val_images: list,
+    cfg: RefineConfig,
+    out: str | Path,
+    log=print,
+) -> PQMIM:
+    """Train a grown copy of ``model``'s decoder on its fixed codes (module docstring) and
+    return the refined model (eval mode); ``model`` is not changed.
+
+    ``train_images`` / ``val_images``: uint8 (3, H, W) photos (``val_images`` may be empty: no
+    validation). ``out``: run folder: ``checkpoint.pt`` (decoder, optimizer, step, CPU seconds;
+    an existing one is resumed, and must have the same ``extra_blocks``) and ``log.jsonl``.
+    """
+    if not train_images:
+        raise ValueError("refine_decoder: no training images")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
+    device = next(model.parameters()).device
+    new = refined_model(model, cfg.extra_blocks)
+    dec, quantizer = new.decoder, new.quantizer
+    opt = torch.optim.Adam(dec.parameters(), lr=cfg.lr)
+    step, cpu_s = 0, 0.0
+    if ckpt_path.exists():
+        ck = torch.load(str(ckpt_path), map_location=device, weights_only=True)
+        if tuple(ck["extra_blocks"]) != cfg.extra_blocks:
+            raise ValueError(
+                f"refine_decoder: {ckpt_path} grew the decoder by {tuple(ck['extra_blocks'])}, "
+                f"not {cfg.extra_blocks}; use another --out or the same blocks"
+            )
+        dec.load_state_dict(ck["decoder"])
+        opt.load_state_dict(ck["opt"])
+        step, cpu_s = int(ck["step"]), float(ck["cpu_s"])
+        log(f"refine: resumed {ckpt_path} at step {step} ({cpu_s:.0f} CPU s)")
+
+    def record(entry: dict) -> None:
+        with log_path.open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        log(
+            "refine "
+            + " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()
+            )
+        )
+
+    def save() -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save(
+            {
+                "decoder": dec.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "cpu_s": cpu_s,
+                "extra_blocks": list(cfg.extra_blocks),
+            },
+            str(tmp),
+        )
+        tmp.replace(ckpt_path)
+
+    t0 = time.process_time()
+    coded = code_images(model, train_images)
+    val = code_images(model, val_images) if val_images else []
+    sizes = [tuple(img.shape[1:]) for img in val_images]
+    log(
+        f"refine: coded {len(coded)} training and {len(val)} held-out photos in "
+        f"{time.process_time() - t0:.0f} CPU s"
+    )
+    if step == 0 and val:
+        record({"step": 0, "cpu_s": 0.0, "val_psnr": _val_psnr(dec, quantizer, val, sizes)})
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(cfg.seed + step)
+    tokens = cfg.crop // DOWNSAMPLING + 2
+    dec.train()
+    acc, n_acc = 0.0, 0
+    budget = int(60 * cfg.minutes) if cfg.minutes else cfg.steps
+    bar = tqdm(
+        total=budget,
+        initial=min(budget, int(cpu_s) if cfg.minutes else step),
+        desc="refine decoder",
+        unit="CPU s" if cfg.minutes else "step",
+        disable=not cfg.progress,
+    )
+
+    def progress() -> float:
+        if cfg.minutes:
+            return cpu_s / (60.0 * cfg.minutes)
+        return step / cfg.steps
+
+    while progress() < 1.0:
+        c0 = time.process_time()
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _lr_factor(progress(), step, cfg.warmup)
+        y, x, mask = _windows(coded, tokens, cfg.batch_size, gen, quantizer, device)
+        x_hat = dec(y)
+        err = ((x_hat - x) ** 2) * mask
+        loss = err.sum() / (mask.sum() * 3).clamp_min(1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        spent = time.process_time() - c0
+        cpu_s += spent
+        bar.update(spent if cfg.minutes else 1)
+        acc, n_acc = acc + float(loss.detach()), n_acc + 1
+        if step % cfg.log_every == 0:
+            mse = acc / n_acc
+            record(
+                {
+                    "step": step,
+                    "cpu_s": round(cpu_s, 1),
+                    "mse": mse,
+                    "psnr": -10 * math.log10(max(mse, 1e-10)),
+                    "lr": opt.param_groups[0]["lr"],
+                }
+            )
+            acc, n_acc = 0.0, 0
+        if val and step % cfg.val_every == 0:
+            record(
+                {
+                    "step": step,
+                    "cpu_s": round(cpu_s, 1),
+                    "val_psnr": _val_psnr(dec, quantizer, val, sizes),
+                }
+            )
+        if step % cfg.save_every == 0:
+            save()
+    bar.close()
+    save()
+    if val:
+        record(
+            {
+                "step": step,
+                "cpu_s": round(cpu_s, 1),
+                "event": "end",
+                "val_psnr": _val_psnr(dec, quantizer, val, sizes),
+            }
+        )
+    dec.eval()
+    new.training_info = {
+        **new.training_info,
+        "refine": {
+            **dataclasses.asdict(cfg),
+            "extra_blocks": list(cfg.extra_blocks),
+            "steps_done": step,
+            "cpu_s": round(cpu_s, 1),
+        },
+    }
+    return new.eval()
