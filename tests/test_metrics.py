@@ -130,3 +130,28 @@ def test_metric_input_errors():
         ms_ssim(np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8, 4), np.uint8))
     with pytest.raises(ValueError, match="mse: empty image"):
         mse(np.zeros((0, 8), np.uint8), np.zeros((0, 8), np.uint8))
+
+
+def test_grid_blockiness_sees_seams_and_not_smooth_images():
+    from pqmim_kernels.evaluation.metrics import grid_blockiness, grid_steps
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:64, 0:80]
+    smooth = np.clip(100 + xx + 0.5 * yy + rng.normal(0, 2, xx.shape), 0, 255).astype(np.uint8)
+    assert grid_steps(smooth) == pytest.approx(1.0, abs=0.15)
+    # a piecewise-constant copy (one value per 16x16 token): every step is on a grid line
+    tokens = smooth.reshape(4, 16, 5, 16).mean((1, 3)).round().astype(np.uint8)
+    blocky = np.kron(tokens, np.ones((16, 16), dtype=np.uint8))
+    assert grid_steps(blocky) > 100
+    assert grid_blockiness(smooth, blocky) > 100
+    assert grid_blockiness(smooth, smooth) == 1.0
+    rgb = np.stack([smooth] * 3, -1)
+    assert grid_steps(rgb) == pytest.approx(grid_steps(smooth))
+    # shifted by 8 px the same seams are off the 16-px grid
+    assert grid_steps(np.roll(blocky, 8, axis=(0, 1))) < 0.1
+    with pytest.raises(ValueError, match="smaller than two 16-px periods"):
+        grid_steps(smooth[:20])
+    with pytest.raises(TypeError, match="uint8"):
+        grid_steps(smooth.astype(np.float32))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        grid_blockiness(smooth, smooth[:32])

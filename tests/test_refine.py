@@ -302,3 +302,35 @@ def test_a_variant_whose_shared_weights_are_not_stored_exactly_is_refused(tmp_pa
         save_model(new, tmp_path / "x.pt", variants={"v": old})
     save_model(new, tmp_path / "x.pt", half=False, variants={"v": old})  # fp32: exact
     assert load_model(tmp_path / "x.pt", variant="v").model_id() == old.model_id()
+
+
+def test_grid_seams_tool(tmp_path, monkeypatch, capsys):
+    """tools/grid_seams.py on a one-preset registry: one row per image, a summary per preset."""
+    import importlib.util
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("grid_seams", root / "tools" / "grid_seams.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    path = tmp_path / "tiny.pt"
+    save_model(_model(), path)
+    monkeypatch.setattr(presets, "PRESETS", (Preset("tiny", str(path), 1, "tiny", 0.5),))
+    monkeypatch.setattr(presets, "RETIRED", ())
+    monkeypatch.setattr(presets, "DEFAULT_PRESET", "tiny")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, img in enumerate(_images(2)):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    out = tmp_path / "seams.json"
+    assert tool.main([str(folder), "--presets", "tiny", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert [r["image"] for r in got["rows"]] == ["0.png", "1.png"]
+    assert all(r["seams"] > 0 and r["jpeg_bytes"] <= r["bytes"] or r["jpeg_quality"] == 1
+               for r in got["rows"])  # fmt: skip
+    s = got["summary"]["tiny"]
+    assert s["model_id"] == load_model(path).model_id().hex()
+    assert s["mean_seams"] == pytest.approx(np.mean([r["seams"] for r in got["rows"]]))
+    assert "tiny" in capsys.readouterr().out
