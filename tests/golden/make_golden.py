@@ -98,15 +98,16 @@ def md5(b: bytes) -> str:
 
 
 def cases() -> list[tuple[str, str, np.ndarray]]:
-    """``(name, model path, image)`` of every model case (each bundled preset's file that is
-    there)."""
+    """``(name, model, image)`` of every model case: ``model`` is what ``load_model`` takes, the
+    tiny model's path or a bundled preset's name (each preset whose file is there; a retired
+    variant preset loads its variant of the file)."""
     from pqmim_kernels.cli.codec import read_image
     from pqmim_kernels.models import presets
 
     out = [(f"tiny_{h}x{w}", str(TINY_MODEL), synthetic_image(h, w)) for h, w in SIZES]
     for preset in presets.every():
         if preset.path.is_file():
-            out.append((f"{preset.name}_sample", str(preset.path), read_image(SAMPLE)))
+            out.append((f"{preset.name}_sample", preset.name, read_image(SAMPLE)))
     return out
 
 
