@@ -46,6 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--crop", type=int, default=256, help="loss window side (multiple of 16)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     p.add_argument("--max-images", type=int, default=0, help="use the first N photos (0 = all)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument(
         "--keep-variant", default=None, metavar="NAME",
         help="also store the source model as variant NAME of the new file",
@@ -72,7 +73,7 @@ def run(args) -> int:
         progress=True,
     )
     check_output(args.out, [], args.force)
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device)
     train, held = split_holdout(load_images(args.data, args.max_images), 10)
     refined = refine_decoder(model, train, held, cfg, args.run_dir, log=print)
     variants = {args.keep_variant: model} if args.keep_variant else None

@@ -92,6 +92,7 @@ def code_images(model: PQMIM, images: list) -> list[tuple[torch.Tensor, torch.Te
     """``[(codes (h, w, M) int64, padded image (3, 16h, 16w) uint8), ...]`` for uint8 (3, H, W)
     images, coded whole with nearest codewords (``model.encode_codes`` on the edge-padded
     image, exactly what the codec codes)."""
+    device = next(model.parameters()).device
     out = []
     for img in images:
         if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[0] != 3:
@@ -99,7 +100,7 @@ def code_images(model: PQMIM, images: list) -> list[tuple[torch.Tensor, torch.Te
                 f"code_images: expected uint8 (3, H, W) images, got {img.dtype} {tuple(img.shape)}"
             )
         x = pad_to_multiple(img[None].float().div(255.0))
-        codes = model.encode_codes(x)[0].cpu()
+        codes = model.encode_codes(x.to(device))[0].cpu()
         out.append((codes, (x[0] * 255.0).round().to(torch.uint8)))
     return out
 
