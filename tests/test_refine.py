@@ -334,3 +334,41 @@ def test_grid_seams_tool(tmp_path, monkeypatch, capsys):
     assert s["model_id"] == load_model(path).model_id().hex()
     assert s["mean_seams"] == pytest.approx(np.mean([r["seams"] for r in got["rows"]]))
     assert "tiny" in capsys.readouterr().out
+
+
+def test_gpu_train_refine_runs_on_the_cpu(tmp_path):
+    """tools/gpu_train.py refine (the one-call GPU script), dry-run on the CPU from a tiny pack."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tools"))
+    try:
+        spec = importlib.util.spec_from_file_location("gpu_train", root / "tools" / "gpu_train.py")
+        tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tool)
+    finally:
+        sys.path.remove(str(root / "tools"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, img in enumerate(_images(10)):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(photos / f"{i:02d}.png")
+    pack = tmp_path / "pack.tar"
+    tool.pack(str(photos), str(pack))
+    src = tmp_path / "src.pt"
+    save_model(_model(), src)
+    out = tmp_path / "out"
+    tool.main(["refine", "--pack", str(pack), "--model", str(src), "--out", str(out),
+               "--device", "cpu", "--minutes", "0.02", "--crop", "32", "--batch", "2",
+               "--extra-blocks", "1,0,0", "--keep-variant", "v1"])  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert (
+        summary["device"] == "cpu"
+        and summary["model_id"] == load_model(out / "model.pt").model_id().hex()
+    )
+    assert load_model(out / "model.pt", variant="v1").model_id() == load_model(src).model_id()
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["event"] == "end" and "wall_s" in rows[-1]

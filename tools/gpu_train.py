@@ -1,6 +1,8 @@
 """Train a PQ-MIM model on one GPU in a single call of a few minutes (issue 11).
 
-Two steps:
+Two steps (stage 1 and 2 training; ``refine`` instead refines a model's decoder on its fixed
+codes, :mod:`pqmim_kernels.models.refine`, e.g. ``python tools/gpu_train.py refine --model
+medium --out $OUT/refine --minutes 6``):
 
 1. Here, once: pack the training photos into one file small enough to travel with the working
    tree (at most ~50 MiB; ``carry/`` is git-ignored)::
@@ -168,6 +170,52 @@ def cmd_train(args) -> None:
         print(json.dumps(summary), flush=True)
 
 
+def cmd_refine(args) -> None:
+    """Decoder refinement (``pqmim refine-decoder``) of a preset or model file on one GPU, from
+    a pack: ``--out`` gets ``model.pt`` (fp16; with ``--keep-variant`` the source model too),
+    ``log.jsonl`` and ``summary.json`` (``checkpoint.pt`` holds the optimizer state too and is
+    larger than what comes back from the machine)."""
+    import torch
+
+    from pqmim_kernels.models import load_model, save_model
+    from pqmim_kernels.models.refine import RefineConfig, refine_decoder
+    from pqmim_kernels.models.train import split_holdout
+
+    t_start = time.time()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model, device=str(device))
+    train, held = split_holdout(unpack(args.pack, device), 10)
+    cfg = RefineConfig(
+        extra_blocks=tuple(int(v) for v in args.extra_blocks.split(",")),
+        steps=10**9,
+        minutes=args.minutes,
+        budget_clock="wall",
+        batch_size=args.batch,
+        crop=args.crop,
+        lr=args.lr,
+        val_every=args.val_every,
+        save_every=args.ckpt_every,
+    )
+    refined = refine_decoder(model, train, held, cfg, out, log=lambda s: print(s, flush=True))
+    variants = {args.keep_variant: model.cpu()} if args.keep_variant else None
+    save_model(refined.cpu(), out / "model.pt", extra=refined.training_info, variants=variants)
+    summary = {
+        "model": args.model,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "model_id": load_model(out / "model.pt").model_id().hex(),
+        "total_s": round(time.time() - t_start, 1),
+        "torch": torch.__version__,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary), flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -194,6 +242,20 @@ def main(argv=None) -> int:
     t.add_argument("--compile", action="store_true")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
+    r = sub.add_parser("refine", help="refine a model's decoder on its fixed codes (on a GPU)")
+    r.add_argument("--pack", default=str(ROOT / "carry" / "train_pack.tar"))
+    r.add_argument("--model", default="medium", help="a preset name or a model file")
+    r.add_argument("--out", required=True)
+    r.add_argument("--device", default="cuda")
+    r.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget")
+    r.add_argument("--extra-blocks", default="2,2,1", help="blocks to add at strides 16,8,4")
+    r.add_argument("--batch", type=int, default=32)
+    r.add_argument("--crop", type=int, default=256)
+    r.add_argument("--lr", type=float, default=2e-4)
+    r.add_argument("--val-every", type=int, default=1000)
+    r.add_argument("--ckpt-every", type=int, default=1000)
+    r.add_argument("--keep-variant", default=None, help="store the source model as this variant")
+    r.set_defaults(func=cmd_refine)
     args = p.parse_args(argv)
     args.func(args)
     return 0

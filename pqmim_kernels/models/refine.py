@@ -12,7 +12,7 @@ encoder to run or back-propagate through, and no entropy model to retrain.
 2. grows the decoder with ``extra_blocks`` residual blocks at strides 16, 8, 4
    (:func:`pqmim_kernels.models.pqvae.grow_decoder`: each starts as the identity, so step 0
    decodes exactly like the source model);
-3. trains it with MSE on random token-aligned windows of those code grids (no flips: codes are
+3. trains it with MSE (bf16 autocast on a GPU) on random token-aligned windows of those code grids (no flips: codes are
    not flip-equivariant). A window is ``crop/16 + 2`` tokens wide; the loss leaves out the
    16-px margin along window edges that are not image edges, where the decoder's zero padding
    sees no neighbours that the whole-image decode would see;
@@ -46,10 +46,10 @@ class RefineConfig:
     """Options of :func:`refine_decoder`.
 
     ``extra_blocks``: residual blocks to add at strides 16, 8, 4 (on top of what the source
-    decoder has). ``steps``: schedule length; ``minutes`` > 0: a CPU-minutes budget that sets
-    the schedule instead (cosine over the budget, ``budget_clock`` = process CPU time, which
-    other jobs on the machine do not change). ``crop``: the loss window side in pixels
-    (multiple of 16). ``lr``: peak Adam learning rate (warm-up ``warmup`` steps, cosine to 10 %).
+    decoder has). ``steps``: schedule length; ``minutes`` > 0: a time budget in minutes that
+    sets the schedule instead (cosine over the budget; ``budget_clock="cpu"``: process CPU
+    time, which other jobs on the machine do not change; ``"wall"`` on a GPU). ``crop``: the
+    loss window side in pixels (multiple of 16). ``lr``: peak Adam learning rate (warm-up ``warmup`` steps, cosine to 10 %).
     """
 
     extra_blocks: tuple[int, int, int] = (0, 0, 0)
@@ -63,7 +63,8 @@ class RefineConfig:
     log_every: int = 50
     val_every: int = 500
     save_every: int = 250
-    progress: bool = False  # a tqdm bar (steps, or CPU seconds of the budget)
+    progress: bool = False  # a tqdm bar (steps, or seconds of the budget)
+    budget_clock: str = "cpu"  # what ``minutes`` counts: "cpu" (process CPU time) | "wall"
 
     def __post_init__(self) -> None:
         self.extra_blocks = tuple(self.extra_blocks)
@@ -83,6 +84,10 @@ class RefineConfig:
                 raise ValueError(f"RefineConfig: {name} must be a positive int, got {v!r}")
         if not (math.isfinite(self.minutes) and self.minutes >= 0):
             raise ValueError(f"RefineConfig: minutes must be >= 0, got {self.minutes!r}")
+        if self.budget_clock not in ("cpu", "wall"):
+            raise ValueError(
+                f"RefineConfig: budget_clock must be 'cpu' or 'wall', got {self.budget_clock!r}"
+            )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"RefineConfig: lr must be > 0, got {self.lr!r}")
 
@@ -212,7 +217,9 @@ def refine_decoder(
     new = refined_model(model, cfg.extra_blocks)
     dec, quantizer = new.decoder, new.quantizer
     opt = torch.optim.Adam(dec.parameters(), lr=cfg.lr)
-    step, cpu_s = 0, 0.0
+    clock = time.process_time if cfg.budget_clock == "cpu" else time.perf_counter
+    key = f"{cfg.budget_clock}_s"  # the log's time field: cpu_s or wall_s
+    step, used = 0, 0.0
     if ckpt_path.exists():
         ck = torch.load(str(ckpt_path), map_location=device, weights_only=True)
         if tuple(ck["extra_blocks"]) != cfg.extra_blocks:
@@ -222,8 +229,8 @@ def refine_decoder(
             )
         dec.load_state_dict(ck["decoder"])
         opt.load_state_dict(ck["opt"])
-        step, cpu_s = int(ck["step"]), float(ck["cpu_s"])
-        log(f"refine: resumed {ckpt_path} at step {step} ({cpu_s:.0f} CPU s)")
+        step, used = int(ck["step"]), float(ck.get("used_s", ck.get("cpu_s", 0.0)))
+        log(f"refine: resumed {ckpt_path} at step {step} ({used:.0f} {cfg.budget_clock} s)")
 
     def record(entry: dict) -> None:
         with log_path.open("a") as fh:
@@ -242,7 +249,7 @@ def refine_decoder(
                 "decoder": dec.state_dict(),
                 "opt": opt.state_dict(),
                 "step": step,
-                "cpu_s": cpu_s,
+                "used_s": used,
                 "extra_blocks": list(cfg.extra_blocks),
             },
             str(tmp),
@@ -258,7 +265,7 @@ def refine_decoder(
         f"{time.process_time() - t0:.0f} CPU s"
     )
     if step == 0 and val:
-        record({"step": 0, "cpu_s": 0.0, "val_psnr": _val_psnr(dec, quantizer, val, sizes)})
+        record({"step": 0, key: 0.0, "val_psnr": _val_psnr(dec, quantizer, val, sizes)})
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(cfg.seed + step)
@@ -268,31 +275,32 @@ def refine_decoder(
     budget = int(60 * cfg.minutes) if cfg.minutes else cfg.steps
     bar = tqdm(
         total=budget,
-        initial=min(budget, int(cpu_s) if cfg.minutes else step),
+        initial=min(budget, int(used) if cfg.minutes else step),
         desc="refine decoder",
-        unit="CPU s" if cfg.minutes else "step",
+        unit=f"{cfg.budget_clock} s" if cfg.minutes else "step",
         disable=not cfg.progress,
     )
 
     def progress() -> float:
         if cfg.minutes:
-            return cpu_s / (60.0 * cfg.minutes)
+            return used / (60.0 * cfg.minutes)
         return step / cfg.steps
 
     while progress() < 1.0:
-        c0 = time.process_time()
+        c0 = clock()
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _lr_factor(progress(), step, cfg.warmup)
         y, x, mask = _windows(coded, tokens, cfg.batch_size, gen, quantizer, device)
-        x_hat = dec(y)
-        err = ((x_hat - x) ** 2) * mask
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            x_hat = dec(y)
+        err = ((x_hat.float() - x) ** 2) * mask
         loss = err.sum() / (mask.sum() * 3).clamp_min(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
-        spent = time.process_time() - c0
-        cpu_s += spent
+        spent = clock() - c0
+        used += spent
         bar.update(spent if cfg.minutes else 1)
         acc, n_acc = acc + float(loss.detach()), n_acc + 1
         if step % cfg.log_every == 0:
@@ -300,7 +308,7 @@ def refine_decoder(
             record(
                 {
                     "step": step,
-                    "cpu_s": round(cpu_s, 1),
+                    key: round(used, 1),
                     "mse": mse,
                     "psnr": -10 * math.log10(max(mse, 1e-10)),
                     "lr": opt.param_groups[0]["lr"],
@@ -311,7 +319,7 @@ def refine_decoder(
             record(
                 {
                     "step": step,
-                    "cpu_s": round(cpu_s, 1),
+                    key: round(used, 1),
                     "val_psnr": _val_psnr(dec, quantizer, val, sizes),
                 }
             )
@@ -323,7 +331,7 @@ def refine_decoder(
         record(
             {
                 "step": step,
-                "cpu_s": round(cpu_s, 1),
+                key: round(used, 1),
                 "event": "end",
                 "val_psnr": _val_psnr(dec, quantizer, val, sizes),
             }
@@ -335,7 +343,7 @@ def refine_decoder(
             **dataclasses.asdict(cfg),
             "extra_blocks": list(cfg.extra_blocks),
             "steps_done": step,
-            "cpu_s": round(cpu_s, 1),
+            key: round(used, 1),
         },
     }
     return new.eval()
