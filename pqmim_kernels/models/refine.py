@@ -12,8 +12,8 @@ encoder to run or back-propagate through, and no entropy model to retrain.
 2. grows the decoder with ``extra_blocks`` residual blocks at strides 16, 8, 4
    (:func:`pqmim_kernels.models.pqvae.grow_decoder`: each starts as the identity, so step 0
    decodes exactly like the source model);
-3. trains it with MSE (bf16 autocast on a GPU) on random token-aligned windows of those code grids (no flips: codes are
-   not flip-equivariant). A window is ``crop/16 + 2`` tokens wide; the loss leaves out the
+3. trains it with MSE (bf16 autocast on a GPU) on random token-aligned windows of those code
+   grids (no flips: codes are not flip-equivariant). A window is ``crop/16 + 2`` tokens wide; the loss leaves out the
    16-px margin along window edges that are not image edges, where the decoder's zero padding
    sees no neighbours that the whole-image decode would see;
 4. measures the PSNR of the held-out photos (whole, clamped, as the codec decodes) every
@@ -49,7 +49,8 @@ class RefineConfig:
     decoder has). ``steps``: schedule length; ``minutes`` > 0: a time budget in minutes that
     sets the schedule instead (cosine over the budget; ``budget_clock="cpu"``: process CPU
     time, which other jobs on the machine do not change; ``"wall"`` on a GPU). ``crop``: the
-    loss window side in pixels (multiple of 16). ``lr``: peak Adam learning rate (warm-up ``warmup`` steps, cosine to 10 %).
+    loss window side in pixels (multiple of 16). ``lr``: peak Adam learning rate (warm-up
+    ``warmup`` steps, cosine to 10 %).
     """
 
     extra_blocks: tuple[int, int, int] = (0, 0, 0)
