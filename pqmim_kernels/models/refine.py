@@ -13,9 +13,9 @@ encoder to run or back-propagate through, and no entropy model to retrain.
    (:func:`pqmim_kernels.models.pqvae.grow_decoder`: each starts as the identity, so step 0
    decodes exactly like the source model);
 3. trains it with MSE (bf16 autocast on a GPU) on random token-aligned windows of those code
-   grids (no flips: codes are not flip-equivariant). A window is ``crop/16 + 2`` tokens wide; the loss leaves out the
-   16-px margin along window edges that are not image edges, where the decoder's zero padding
-   sees no neighbours that the whole-image decode would see;
+   grids (no flips: codes are not flip-equivariant). A window is ``crop/16 + 2`` tokens wide;
+   the loss leaves out the 16-px margin along window edges that are not image edges, where the
+   decoder's zero padding sees no neighbours that the whole-image decode would see;
 4. measures the PSNR of the held-out photos (whole, clamped, as the codec decodes) every
    ``val_every`` steps, checkpoints every ``save_every`` steps (resumable) and logs JSON lines.
 
