@@ -244,7 +244,8 @@ def cmd_plot(args) -> None:
     colors = plt.get_cmap("tab10").colors
     for i, d in enumerate(args.dirs):
         log = [json.loads(x) for x in open(Path(d) / "log.jsonl")]
-        s1 = [e for e in log if e["stage"] == 1 and "cpu_s" in e]
+        # stage 1 of pqmim train, or a pqmim refine-decoder run (its log has no stages)
+        s1 = [e for e in log if e.get("stage", 1) == 1 and "cpu_s" in e]
         tr = [e for e in s1 if "psnr" in e and e.get("pq", True)]
         val = [e for e in s1 if "val_psnr" in e]
         c = colors[i % len(colors)]
@@ -258,9 +259,9 @@ def cmd_plot(args) -> None:
             markersize=3,
             label=f"{name} (held-out)",
         )
-    ax.set_xlabel("stage-1 CPU hours (1 thread)")
+    ax.set_xlabel(args.xlabel)
     ax.set_ylabel("PSNR (dB)")
-    ax.set_title("PQ-VAE, M=8 K=256: held-out photos (solid) and training crops (faint)")
+    ax.set_title(args.title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(args.out, dpi=110)
@@ -313,6 +314,11 @@ def main(argv=None) -> int:
     q = sub.add_parser("plot", help="PSNR vs CPU hours of run folders")
     q.add_argument("dirs", nargs="+")
     q.add_argument("--out", default=str(RESULTS / "curves.png"))
+    q.add_argument(
+        "--title",
+        default="PQ-VAE, M=8 K=256: held-out photos (solid) and training crops (faint)",
+    )
+    q.add_argument("--xlabel", default="stage-1 CPU hours (1 thread)")
     q.set_defaults(func=cmd_plot)
     i = sub.add_parser("init")
     i.add_argument("name")
