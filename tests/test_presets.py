@@ -109,8 +109,14 @@ def test_bundled_registry_is_consistent():
     for p in reg:
         cfg = load_model(p.name).config
         assert p.nominal_bpp < cfg.raw_bpp, p
-    # the first bundled model is retired, not removed: its files must keep decoding
-    assert [p.name for p in presets.RETIRED] == ["default"]
+    # the first bundled model is retired, not removed: its files must keep decoding; so are
+    # medium and high before their decoders were refined (variants of the refined files)
+    assert [p.name for p in presets.RETIRED] == ["default", "medium-v1", "high-v1"]
+    for name in ("medium", "high"):
+        old, new = load_model(f"{name}-v1"), load_model(name)
+        assert old.model_id() != new.model_id() and presets.get(f"{name}-v1").variant
+        assert new.config.decoder_extra_blocks == (2, 2, 1)
+        assert old.config.decoder_extra_blocks == (0, 0, 0)
 
 
 @pytest.mark.parametrize(

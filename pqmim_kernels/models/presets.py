@@ -86,7 +86,8 @@ class Preset:
 # Ordered by quality. Nominal bpp: Kodak, all stages, nearest codewords (results/kodak).
 # low/medium/high: the PQ-VAE of the first bundled model fine-tuned for 25-30 CPU-minutes with
 # a new product quantizer (pqmim train --warm-start, results/training/README.md), each with its
-# own entropy model.
+# own entropy model; medium's and high's decoders then refined for 75 CPU-minutes on their fixed
+# codes, grown by residual blocks (pqmim refine-decoder): same codes and bits, new model ids.
 PRESETS: tuple[Preset, ...] = (
     Preset(
         name="low",
@@ -99,14 +100,16 @@ PRESETS: tuple[Preset, ...] = (
         name="medium",
         file="medium_model.pt",
         quality=2,
-        description="PQ-VAE widths 32-128, M=4 sub-spaces of K=256 codewords, 10 stages",
+        description="PQ-VAE widths 32-128, M=4 sub-spaces of K=256 codewords, 10 stages, "
+        "refined decoder (+2/2/1 residual blocks at strides 16/8/4)",
         nominal_bpp=0.090,
     ),
     Preset(
         name="high",
         file="high_model.pt",
         quality=3,
-        description="PQ-VAE widths 32-128, M=16 sub-spaces of K=256 codewords, 10 stages",
+        description="PQ-VAE widths 32-128, M=16 sub-spaces of K=256 codewords, 10 stages, "
+        "refined decoder (+2/2/1 residual blocks at strides 16/8/4)",
         nominal_bpp=0.347,
     ),
 )
@@ -121,6 +124,24 @@ RETIRED: tuple[Preset, ...] = (
         description="PQ-VAE widths 32-128, M=8 sub-spaces of K=256 codewords, 10 stages "
         "(the first bundled model, with a perceptual decoder)",
         nominal_bpp=0.168,
+    ),
+    # medium and high before their decoders were refined (2026-12-02, same codes and bits):
+    # variants stored in the refined models' files, so their files still decode exactly.
+    Preset(
+        name="medium-v1",
+        file="medium_model.pt",
+        quality=0,
+        description="medium with its first decoder (before pqmim refine-decoder)",
+        nominal_bpp=0.090,
+        variant="medium-v1",
+    ),
+    Preset(
+        name="high-v1",
+        file="high_model.pt",
+        quality=0,
+        description="high with its first decoder (before pqmim refine-decoder)",
+        nominal_bpp=0.347,
+        variant="high-v1",
     ),
 )
 # The preset used when none is chosen (compress_image/decompress_image without a model,
