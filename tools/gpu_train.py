@@ -116,13 +116,11 @@ def write_resume(out: Path) -> Path | None:
     return dst
 
 
-def cmd_train(args) -> None:
+def _device_and_out(args):
+    """``(torch.device(args.device), Path(args.out))``: TF32 and cuDNN autotuning on for CUDA,
+    the output folder created."""
     import torch
-    from pqvae_arch import CANDIDATES, model_config
 
-    from pqmim_kernels.models.train import TrainConfig, train
-
-    t_start = time.time()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -130,6 +128,17 @@ def cmd_train(args) -> None:
         torch.backends.cudnn.benchmark = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    return device, out
+
+
+def cmd_train(args) -> None:
+    import torch
+    from pqvae_arch import CANDIDATES, model_config
+
+    from pqmim_kernels.models.train import TrainConfig, train
+
+    t_start = time.time()
+    device, out = _device_and_out(args)
     images = unpack(args.pack, device)
     t_data = time.time() - t_start
     tc = dict(
@@ -182,13 +191,7 @@ def cmd_refine(args) -> None:
     from pqmim_kernels.models.train import split_holdout
 
     t_start = time.time()
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    device, out = _device_and_out(args)
     model = load_model(args.model, device=str(device))
     train, held = split_holdout(unpack(args.pack, device), 10)
     cfg = RefineConfig(
