@@ -300,6 +300,7 @@ def test_a_variant_whose_shared_weights_are_not_stored_exactly_is_refused(tmp_pa
     new = refined_model(old, (1, 0, 0))
     with pytest.raises(ValueError, match="variant 'v' does not survive storage"):
         save_model(new, tmp_path / "x.pt", variants={"v": old})
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left behind
     save_model(new, tmp_path / "x.pt", half=False, variants={"v": old})  # fp32: exact
     assert load_model(tmp_path / "x.pt", variant="v").model_id() == old.model_id()
 

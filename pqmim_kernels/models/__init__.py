@@ -101,17 +101,25 @@ def save_model(
             k: v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu()
             for k, v in model.perceptual_decoder.state_dict().items()
         }
-    if variants:
-        blob["variants"] = {name: _variant_entry(model, m, name) for name, m in variants.items()}
-    torch.save(blob, str(path))
-    for name in variants or {}:
-        try:
-            load_model(path, variant=name)
-        except ValueError as exc:
-            raise ValueError(
-                f"save_model: variant {name!r} does not survive storage in {path} ({exc}); its "
-                "shared weights must be what the file stores (fp16 with half=True)"
-            ) from exc
+    if not variants:
+        torch.save(blob, str(path))
+        return
+    blob["variants"] = {name: _variant_entry(model, m, name) for name, m in variants.items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, str(tmp))
+    try:  # written next to the target, checked, then moved over it: never a broken file there
+        for name in variants:
+            try:
+                load_model(tmp, variant=name)
+            except ValueError as exc:
+                raise ValueError(
+                    f"save_model: variant {name!r} does not survive storage in {path} ({exc}); "
+                    "its shared weights must be what the file stores (fp16 with half=True)"
+                ) from exc
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _variant_entry(model: PQMIM, other: PQMIM, name: str) -> dict:
