@@ -373,3 +373,21 @@ def test_gpu_train_refine_runs_on_the_cpu(tmp_path):
     assert load_model(out / "model.pt", variant="v1").model_id() == load_model(src).model_id()
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert rows[-1]["event"] == "end" and "wall_s" in rows[-1]
+
+
+def test_ctrl_c_saves_the_checkpoint(tmp_path, monkeypatch):
+    from pqmim_kernels.models import refine
+
+    real, calls = refine._windows, []
+
+    def windows(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(refine, "_windows", windows)
+    cfg = RefineConfig(steps=10, batch_size=1, crop=32, save_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        refine_decoder(_model(), _images(2), [], cfg, tmp_path, log=lambda s: None)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 3

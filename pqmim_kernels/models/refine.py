@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from pqmim_kernels.models.codec import PQMIM, pad_to_multiple
 from pqmim_kernels.models.pqvae import DOWNSAMPLING, Decoder, grow_decoder
+from pqmim_kernels.models.train import _lr_factor  # the cosine schedule of pqmim train
 
 __all__ = ["RefineConfig", "code_images", "refine_decoder", "refined_model"]
 
@@ -189,11 +190,6 @@ def _val_psnr(decoder: Decoder, quantizer, coded, sizes) -> float:
     return -10 * math.log10(max(sq / px, 1e-10))
 
 
-def _lr_factor(progress: float, step: int, warmup: int) -> float:
-    warm = min(1.0, (step + 1) / max(1, warmup))
-    return warm * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-
 def refine_decoder(
     model: PQMIM,
     train_images: list,
@@ -206,8 +202,9 @@ def refine_decoder(
     return the refined model (eval mode); ``model`` is not changed.
 
     ``train_images`` / ``val_images``: uint8 (3, H, W) photos (``val_images`` may be empty: no
-    validation). ``out``: run folder: ``checkpoint.pt`` (decoder, optimizer, step, CPU seconds;
-    an existing one is resumed, and must have the same ``extra_blocks``) and ``log.jsonl``.
+    validation). ``out``: run folder: ``checkpoint.pt`` (decoder, optimizer, step, seconds on the
+    budget clock; an existing one is resumed, and must have the same ``extra_blocks``) and
+    ``log.jsonl``. ``KeyboardInterrupt`` (Ctrl-C) saves the checkpoint first, then propagates.
     """
     if not train_images:
         raise ValueError("refine_decoder: no training images")
@@ -287,45 +284,51 @@ def refine_decoder(
             return used / (60.0 * cfg.minutes)
         return step / cfg.steps
 
-    while progress() < 1.0:
-        c0 = clock()
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * _lr_factor(progress(), step, cfg.warmup)
-        y, x, mask = _windows(coded, tokens, cfg.batch_size, gen, quantizer, device)
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            x_hat = dec(y)
-        err = ((x_hat.float() - x) ** 2) * mask
-        loss = err.sum() / (mask.sum() * 3).clamp_min(1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        spent = clock() - c0
-        used += spent
-        bar.update(spent if cfg.minutes else 1)
-        acc, n_acc = acc + float(loss.detach()), n_acc + 1
-        if step % cfg.log_every == 0:
-            mse = acc / n_acc
-            record(
-                {
-                    "step": step,
-                    key: round(used, 1),
-                    "mse": mse,
-                    "psnr": -10 * math.log10(max(mse, 1e-10)),
-                    "lr": opt.param_groups[0]["lr"],
-                }
-            )
-            acc, n_acc = 0.0, 0
-        if val and step % cfg.val_every == 0:
-            record(
-                {
-                    "step": step,
-                    key: round(used, 1),
-                    "val_psnr": _val_psnr(dec, quantizer, val, sizes),
-                }
-            )
-        if step % cfg.save_every == 0:
-            save()
+    try:
+        while progress() < 1.0:
+            c0 = clock()
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * _lr_factor(progress(), step, cfg.warmup)
+            y, x, mask = _windows(coded, tokens, cfg.batch_size, gen, quantizer, device)
+            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+                x_hat = dec(y)
+            err = ((x_hat.float() - x) ** 2) * mask
+            loss = err.sum() / (mask.sum() * 3).clamp_min(1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            spent = clock() - c0
+            used += spent
+            bar.update(spent if cfg.minutes else 1)
+            acc, n_acc = acc + float(loss.detach()), n_acc + 1
+            if step % cfg.log_every == 0:
+                mse = acc / n_acc
+                record(
+                    {
+                        "step": step,
+                        key: round(used, 1),
+                        "mse": mse,
+                        "psnr": -10 * math.log10(max(mse, 1e-10)),
+                        "lr": opt.param_groups[0]["lr"],
+                    }
+                )
+                acc, n_acc = 0.0, 0
+            if val and step % cfg.val_every == 0:
+                record(
+                    {
+                        "step": step,
+                        key: round(used, 1),
+                        "val_psnr": _val_psnr(dec, quantizer, val, sizes),
+                    }
+                )
+            if step % cfg.save_every == 0:
+                save()
+    except KeyboardInterrupt:  # Ctrl-C: keep what was trained, then stop
+        bar.close()
+        save()
+        log(f"refine: interrupted at step {step}; {ckpt_path} resumes it")
+        raise
     bar.close()
     save()
     if val:
