@@ -111,12 +111,12 @@ def test_windows_mask_the_margins_that_are_not_image_edges():
     coded = code_images(model, [torch.zeros(3, 80, 96, dtype=torch.uint8)])  # 5 x 6 tokens
     gen = torch.Generator().manual_seed(0)
     for _ in range(10):
-        y, x, mask = _windows(coded, 3, 2, gen, model.quantizer, "cpu")
+        y, x, mask = _windows(coded, 3, 2, gen, model.dequantize, "cpu")
         assert y.shape == (2, TINY.latent_dim, 3, 3) and x.shape == (2, 3, 48, 48)
         assert mask.shape == (2, 1, 48, 48) and mask.dtype == torch.bool
         assert mask[:, :, 16:32, 16:32].all()  # the centre token always counts
     # a window larger than the image: edge-replicated, and the padding is outside the loss
-    y, x, mask = _windows(coded, 8, 1, gen, model.quantizer, "cpu")
+    y, x, mask = _windows(coded, 8, 1, gen, model.dequantize, "cpu")
     assert mask[0, 0, :80, :96].all() and not mask[0, 0, 80:].any() and not mask[0, 0, :, 96:].any()
 
 

@@ -195,7 +195,7 @@ def cmd_refine(args) -> None:
     model = load_model(args.model, device=str(device))
     train, held = split_holdout(unpack(args.pack, device), 10)
     cfg = RefineConfig(
-        extra_blocks=tuple(int(v) for v in args.extra_blocks.split(",")),
+        extra_blocks=args.extra_blocks,
         steps=10**9,
         minutes=args.minutes,
         budget_clock="wall",
@@ -220,6 +220,8 @@ def cmd_refine(args) -> None:
 
 
 def main(argv=None) -> int:
+    from pqmim_kernels.cli.train import int_list  # no torch: --help stays fast
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     k = sub.add_parser("pack", help="pack the training photos into one tar")
@@ -251,7 +253,12 @@ def main(argv=None) -> int:
     r.add_argument("--out", required=True)
     r.add_argument("--device", default="cuda")
     r.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget")
-    r.add_argument("--extra-blocks", default="2,2,1", help="blocks to add at strides 16,8,4")
+    r.add_argument(
+        "--extra-blocks",
+        type=int_list(3, "--extra-blocks (strides 16, 8, 4)", 0),
+        default="2,2,1",
+        help="blocks to add at strides 16,8,4",
+    )
     r.add_argument("--batch", type=int, default=32)
     r.add_argument("--crop", type=int, default=256)
     r.add_argument("--lr", type=float, default=2e-4)

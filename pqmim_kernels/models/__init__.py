@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from collections.abc import Sequence
@@ -48,13 +47,6 @@ _FILE_KIND = "pqmim-model"
 _FILE_VERSION = 2
 
 
-def _config_dict(config: PQMIMConfig) -> dict:
-    cfg = dataclasses.asdict(config)
-    cfg["channels"] = list(cfg["channels"])
-    cfg["decoder_extra_blocks"] = list(cfg["decoder_extra_blocks"])
-    return cfg
-
-
 def _stored(t: torch.Tensor, half: bool) -> torch.Tensor:
     t = t.detach().cpu()
     if half and t.is_floating_point() and torch.isfinite(t.half()).all():
@@ -89,7 +81,7 @@ def save_model(
     blob = {
         "kind": _FILE_KIND,
         "version": _FILE_VERSION,
-        "config": _config_dict(model.config),
+        "config": model.config.to_dict(),
         "state_dict": state,
         "extra": extra or {},
     }
@@ -126,7 +118,7 @@ def _variant_entry(model: PQMIM, other: PQMIM, name: str) -> dict:
     """What ``other`` stores in ``model``'s file: its config, decoder and model id."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"save_model: variant names must be non-empty strings, got {name!r}")
-    mine, theirs = _config_dict(model.config), _config_dict(other.config)
+    mine, theirs = model.config.to_dict(), other.config.to_dict()
     differ = sorted(k for k in mine if mine[k] != theirs[k] and k != "decoder_extra_blocks")
     if differ:
         raise ValueError(

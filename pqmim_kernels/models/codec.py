@@ -242,6 +242,13 @@ class PQMIM(nn.Module):
         finally:
             self.quantizer.pinned = pinned
 
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, h, w, M) int -> the decoder's input: the quantized latent (B, D, h, w)
+        float32 (each sub-code replaced by its codeword)."""
+        b, h, w, m = codes.shape
+        y = self.quantizer.get_output_from_indices(codes.reshape(b, h * w, m).long())
+        return y.reshape(b, h, w, -1).permute(0, 3, 1, 2).float()
+
     def decode_codes(
         self, codes: torch.Tensor, size: tuple[int, int] | None = None, decoder: str = "mse"
     ) -> torch.Tensor:
@@ -252,11 +259,8 @@ class PQMIM(nn.Module):
         :mod:`pqmim_kernels.models.perceptual`, when the model file has one).
         """
         net = self._synthesis(decoder)
-        b, h, w, m = codes.shape
         with torch.no_grad():
-            y = self.quantizer.get_output_from_indices(codes.reshape(b, h * w, m).long())
-            y = y.reshape(b, h, w, -1).permute(0, 3, 1, 2).float()
-            x = _tiled(net, y, 1, DOWNSAMPLING)
+            x = _tiled(net, self.dequantize(codes), 1, DOWNSAMPLING)
         if size is not None:
             x = x[..., : size[0], : size[1]]
         return x.clamp(0.0, 1.0)

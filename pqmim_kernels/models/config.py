@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-__all__ = ["PQMIMConfig"]
+__all__ = ["PQMIMConfig", "check_block_counts"]
 
 # Fields added after the first bundled model: left out of ``to_json`` (hence of the model id)
 # while they hold their default, so models trained before they existed keep their model id and
@@ -17,6 +17,16 @@ _OMIT_WHEN_DEFAULT = (
     "latent_norm",
     "decoder_extra_blocks",
 )
+
+
+def check_block_counts(value, what: str) -> tuple[int, int, int]:
+    """``value`` as a tuple of 3 ints >= 0 (residual blocks at strides 16, 8, 4: the decoder's
+    extra blocks); ``ValueError`` starting with ``what`` otherwise."""
+    if not isinstance(value, (tuple, list)) or len(value) != 3 or any(
+        isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value
+    ):
+        raise ValueError(f"{what} must be 3 ints >= 0 (strides 16, 8, 4), got {value!r}")
+    return tuple(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,15 +88,8 @@ class PQMIMConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        extra = self.decoder_extra_blocks
-        if not isinstance(extra, (tuple, list)) or len(extra) != 3 or any(
-            isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in extra
-        ):
-            raise ValueError(
-                f"PQMIMConfig: decoder_extra_blocks must be 3 ints >= 0 (strides 16, 8, 4), "
-                f"got {extra!r}"
-            )
-        object.__setattr__(self, "decoder_extra_blocks", tuple(extra))
+        extra = check_block_counts(self.decoder_extra_blocks, "PQMIMConfig: decoder_extra_blocks")
+        object.__setattr__(self, "decoder_extra_blocks", extra)
         if len(self.channels) != 4 or min(self.channels) < 1:
             raise ValueError(f"PQMIMConfig: channels must be 4 positive ints, got {self.channels}")
         for name in ("latent_dim", "num_subspaces", "mim_width", "mim_depth", "mim_heads"):
@@ -143,6 +146,14 @@ class PQMIMConfig:
         import math
 
         return self.num_subspaces * math.log2(self.codebook_size) / 256.0
+
+    def to_dict(self) -> dict:
+        """Every field, tuples as lists: what a model file or checkpoint stores
+        (:meth:`from_dict` reads it back)."""
+        d = dataclasses.asdict(self)
+        d["channels"] = list(d["channels"])
+        d["decoder_extra_blocks"] = list(d["decoder_extra_blocks"])
+        return d
 
     def to_json(self) -> str:
         """Canonical JSON of the config (hashed into the model id); fields of

@@ -148,10 +148,7 @@ def train_perceptual(model, images, cfg: PerceptualConfig, log=print) -> nn.Modu
             break
         x = _random_crops(images, cfg.crop, cfg.batch_size, gen).to(device)
         with torch.no_grad():
-            codes = model.encode_codes(x)
-            b, h, w, m = codes.shape
-            y = model.quantizer.get_output_from_indices(codes.reshape(b, h * w, m))
-            y = y.reshape(b, h, w, -1).permute(0, 3, 1, 2).float()
+            y = model.dequantize(model.encode_codes(x))
         x_hat = g(y)
         # discriminator: real crops vs decoded ones
         d_real, d_fake = d(x), d(x_hat.detach().clamp(0, 1))

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pqmim_kernels.models.config import check_block_counts
+
 __all__ = [
     "DOWNSAMPLING",
     "LATENT_NORMS",
@@ -239,12 +241,8 @@ class Decoder(nn.Module):
     ) -> None:
         super().__init__()
         _check_arch(stem, res_blocks, res_blocks_8, attention_blocks)
-        if len(extra_blocks) != 3 or any(
-            isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in extra_blocks
-        ):
-            raise ValueError(f"PQ-VAE: extra_blocks must be 3 ints >= 0, got {extra_blocks!r}")
         c1, c2, c3, c4 = channels
-        e16, e8, e4 = extra_blocks
+        e16, e8, e4 = check_block_counts(extra_blocks, "PQ-VAE: extra_blocks")
         if stem == "conv":
             tail = [_up(c1, 3)]
         else:

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from pqmim_kernels.models.codec import PQMIM, pad_to_multiple
-from pqmim_kernels.models.pqvae import DOWNSAMPLING, Decoder, grow_decoder
+from pqmim_kernels.models.config import check_block_counts
+from pqmim_kernels.models.pqvae import DOWNSAMPLING, grow_decoder
 from pqmim_kernels.models.train import _lr_factor  # the cosine schedule of pqmim train
 
 __all__ = ["RefineConfig", "code_images", "refine_decoder", "refined_model"]
@@ -69,13 +70,7 @@ class RefineConfig:
     budget_clock: str = "cpu"  # what ``minutes`` counts: "cpu" (process CPU time) | "wall"
 
     def __post_init__(self) -> None:
-        self.extra_blocks = tuple(self.extra_blocks)
-        if len(self.extra_blocks) != 3 or any(
-            isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.extra_blocks
-        ):
-            raise ValueError(
-                f"RefineConfig: extra_blocks must be 3 ints >= 0, got {self.extra_blocks!r}"
-            )
+        self.extra_blocks = check_block_counts(self.extra_blocks, "RefineConfig: extra_blocks")
         if self.crop < DOWNSAMPLING or self.crop % DOWNSAMPLING:
             raise ValueError(
                 f"RefineConfig: crop must be a positive multiple of 16, got {self.crop}"
@@ -133,10 +128,11 @@ def refined_model(model: PQMIM, extra_blocks: tuple[int, int, int]) -> PQMIM:
     return new.to(device).eval()
 
 
-def _windows(coded, tokens: int, batch: int, gen: torch.Generator, quantizer, device):
+def _windows(coded, tokens: int, batch: int, gen: torch.Generator, dequantize, device):
     """A batch of code windows ``tokens`` wide: ``(y (B, D, t, t), x (B, 3, 16t, 16t) float,
     mask (B, 1, 16t, 16t) bool)``; the mask drops the 16-px margin along window edges that are
-    not image edges (windows of images smaller than ``tokens`` are edge-replicated there)."""
+    not image edges (windows of images smaller than ``tokens`` are edge-replicated there).
+    ``dequantize``: codes (B, t, t, M) -> latent (B, D, t, t) (:meth:`PQMIM.dequantize`)."""
     f = DOWNSAMPLING
     ys, xs, ms = [], [], []
     for _ in range(batch):
@@ -165,28 +161,25 @@ def _windows(coded, tokens: int, batch: int, gen: torch.Generator, quantizer, de
         ys.append(cw)
         xs.append(px)
         ms.append(mask)
-    codes = torch.stack(ys).to(device)
-    b, t, _, m = codes.shape
-    y = quantizer.get_output_from_indices(codes.reshape(b, t * t, m)).reshape(b, t, t, -1)
+    y = dequantize(torch.stack(ys).to(device))
     x = torch.stack(xs).to(device).float() / 255.0
-    return y.permute(0, 3, 1, 2).float(), x, torch.stack(ms).to(device)
+    return y, x, torch.stack(ms).to(device)
 
 
-@torch.no_grad()
-def _val_psnr(decoder: Decoder, quantizer, coded, sizes) -> float:
-    was = decoder.training
-    decoder.eval()
+def _val_psnr(model: PQMIM, coded, sizes) -> float:
+    """PSNR of the mean MSE over all pixels of the held-out photos, decoded from their codes as
+    the codec decodes (``model.decode_codes``: tiled, cropped, clamped)."""
+    was = model.decoder.training
+    model.decoder.eval()
     sq, px = 0.0, 0
     try:
-        for (codes, img), (hh, ww) in zip(coded, sizes):
-            h, w, m = codes.shape
-            y = quantizer.get_output_from_indices(codes.reshape(1, h * w, m)).reshape(1, h, w, -1)
-            x_hat = decoder(y.permute(0, 3, 1, 2).float())[..., :hh, :ww].clamp(0.0, 1.0)
-            x = img[None, :, :hh, :ww].float().to(x_hat.device) / 255.0
+        for (codes, img), size in zip(coded, sizes):
+            x_hat = model.decode_codes(codes[None].to(model._device()), size)
+            x = img[None, :, : size[0], : size[1]].float().to(x_hat.device) / 255.0
             sq += float(((x_hat - x) ** 2).sum())
             px += x.numel()
     finally:
-        decoder.train(was)
+        model.decoder.train(was)
     return -10 * math.log10(max(sq / px, 1e-10))
 
 
@@ -213,7 +206,7 @@ def refine_decoder(
     ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
     device = next(model.parameters()).device
     new = refined_model(model, cfg.extra_blocks)
-    dec, quantizer = new.decoder, new.quantizer
+    dec = new.decoder
     opt = torch.optim.Adam(dec.parameters(), lr=cfg.lr)
     clock = time.process_time if cfg.budget_clock == "cpu" else time.perf_counter
     key = f"{cfg.budget_clock}_s"  # the log's time field: cpu_s or wall_s
@@ -263,7 +256,7 @@ def refine_decoder(
         f"{time.process_time() - t0:.0f} CPU s"
     )
     if step == 0 and val:
-        record({"step": 0, key: 0.0, "val_psnr": _val_psnr(dec, quantizer, val, sizes)})
+        record({"step": 0, key: 0.0, "val_psnr": _val_psnr(new, val, sizes)})
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(cfg.seed + step)
@@ -289,7 +282,7 @@ def refine_decoder(
             c0 = clock()
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _lr_factor(progress(), step, cfg.warmup)
-            y, x, mask = _windows(coded, tokens, cfg.batch_size, gen, quantizer, device)
+            y, x, mask = _windows(coded, tokens, cfg.batch_size, gen, new.dequantize, device)
             with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
                 x_hat = dec(y)
             err = ((x_hat.float() - x) ** 2) * mask
@@ -319,7 +312,7 @@ def refine_decoder(
                     {
                         "step": step,
                         key: round(used, 1),
-                        "val_psnr": _val_psnr(dec, quantizer, val, sizes),
+                        "val_psnr": _val_psnr(new, val, sizes),
                     }
                 )
             if step % cfg.save_every == 0:
@@ -337,7 +330,7 @@ def refine_decoder(
                 "step": step,
                 key: round(used, 1),
                 "event": "end",
-                "val_psnr": _val_psnr(dec, quantizer, val, sizes),
+                "val_psnr": _val_psnr(new, val, sizes),
             }
         )
     dec.eval()

@@ -235,9 +235,7 @@ def init_run(out: str | os.PathLike, model_config: PQMIMConfig, seed: int = 0) -
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = PQMIM(model_config)
-    cfgd = dataclasses.asdict(model_config)
-    cfgd["channels"] = list(cfgd["channels"])
-    cfgd["decoder_extra_blocks"] = list(cfgd["decoder_extra_blocks"])
+    cfgd = model_config.to_dict()
     state = {"stage": 1, "step": 0, "elapsed": 0.0}
     torch.save({"config": cfgd, "model": model.state_dict(), "opt": None, "state": state}, path)
     return path
@@ -469,9 +467,7 @@ def _train(cfg: TrainConfig, model_config, images, log, hooks: dict) -> PQMIM:
 
     def save_ckpt(opt) -> None:
         if is_main:
-            cfgd = dataclasses.asdict(model.config)
-            cfgd["channels"] = list(cfgd["channels"])
-            cfgd["decoder_extra_blocks"] = list(cfgd["decoder_extra_blocks"])
+            cfgd = model.config.to_dict()
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save(
                 {
