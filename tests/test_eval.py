@@ -576,3 +576,32 @@ def test_cli_pqmim_lambda_sweep(image_dir, tmp_path, capsys):
     assert "--pqmim-lambdas: add pqmim" in capsys.readouterr().err
     assert main([*base, "--codecs", "pqmim", "--pqmim-lambdas", "0,x"]) == 1
     assert "--pqmim-lambdas: expected comma-separated numbers" in capsys.readouterr().err
+
+
+def test_cli_pqmim_latent_steps(image_dir, tmp_path, capsys):
+    import torch
+
+    from pqmim_kernels.models import load_model
+
+    out = tmp_path / "rd"
+    base = ["eval", str(image_dir), "--out", str(out), "--no-progress", "--no-plot"]
+    rc = main([*base, "--codecs", "pqmim", "--pqmim-models", str(TINY_MODEL),
+               "--pqmim-lambdas", "0,1", "--pqmim-latent-steps", "2"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads((out / "results.json").read_text())
+    settings = sorted(p["setting"] for p in result["codecs"]["pqmim"]["points"])
+    assert settings == sorted([f"{TINY_MODEL}+2", f"{TINY_MODEL}~1+2"])
+    # each file is what compress --latent-steps writes
+    model = load_model(str(TINY_MODEL))
+    img = np.asarray(Image.open(image_dir / "im2.png"))
+    x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255
+    rec = next(r for r in result["per_image"]
+               if r["setting"] == f"{TINY_MODEL}~1+2" and r["image"] == "im2.png")  # fmt: skip
+    assert rec["bytes"] == len(model.compress(x, rate_lambda=1.0, latent_steps=2))
+    capsys.readouterr()
+    assert main([*base, "--codecs", "jpeg", "--pqmim-latent-steps", "2"]) == 1
+    assert "--pqmim-latent-steps: add pqmim" in capsys.readouterr().err
+    assert main([*base, "--codecs", "pqmim", "--pqmim-latent-steps", "-1"]) == 1
+    assert "--pqmim-latent-steps: latent_steps must be an int in [0, 10000]" in (
+        capsys.readouterr().err
+    )

@@ -72,12 +72,12 @@ def _hybrid(model, img: np.ndarray, args, perceptual: bool):
     stages that fit, the rest sampled, decoded with the perceptual decoder when there is one.
     Returns (row fields, decoded image, label), or None when not even one stage fits."""
     from pqmim_kernels.coding import pqm_format
-    from pqmim_kernels.models import _as_tensor, _fit_stages, decompress_image
+    from pqmim_kernels.models import _as_tensor, _Encodings, _fit_stages, decompress_image
 
-    x, k = _as_tensor(img), args.hybrid_downscale
-    data = model.compress(x, downscale=k)
+    enc, k = _Encodings(_as_tensor(img)), args.hybrid_downscale
+    data = enc.compress(model, k)
     if len(data) > args.max_bytes:
-        data = _fit_stages(model, x, args.max_bytes, len(data), k)[0]
+        data = _fit_stages(model, enc, args.max_bytes, len(data), k)[0]
     if data is None:
         return None
     sent = pqm_format.unpack(data)[0].stages_sent

@@ -238,6 +238,20 @@ def _rate_lambda(text: str) -> float:
     return value
 
 
+def _latent_steps(text: str) -> int:
+    from pqmim_kernels.models.latent_opt import MAX_LATENT_STEPS
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if not 0 <= value <= MAX_LATENT_STEPS:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer in [0, {MAX_LATENT_STEPS}], got {value}"
+        )
+    return value
+
+
 def register(subparsers) -> None:
     c = subparsers.add_parser(
         "compress",
@@ -281,6 +295,17 @@ def register(subparsers) -> None:
         "LAMBDA x its exact bits in context, so files get smaller for a little more distortion "
         "(0 = nearest codewords; with the default model 0.002 saves ~10 %% of the bits for "
         "~0.05 dB, 0.005 ~16 %% for ~0.2 dB). Any decoder reads the files",
+    )
+    c.add_argument(
+        "--latent-steps",
+        type=_latent_steps,
+        default=0,
+        metavar="N",
+        help="decoder-aware encoding: N gradient steps (through the decoder) searching for codes "
+        "the decoder draws closer to the image, before they are coded (0 = the encoder's own "
+        "codes; ~0.25 s per step for a Kodak image on 2 CPU threads). Best with a small "
+        "--rate-lambda, which keeps the file size where it was: 30 steps and 0.0005 gave "
+        "~+0.4 dB with preset high on held-out photos. Any decoder reads the files",
     )
     c.add_argument(
         "--no-downscale",
@@ -423,21 +448,24 @@ def run_compress(args) -> int:
     if args.stages is not None and args.stages > model.config.stages:
         raise ValueError(f"--stages {args.stages}: the model codes {model.config.stages} stages")
     t0 = time.perf_counter()
-    lam = args.rate_lambda
+    lam, steps = args.rate_lambda, args.latent_steps
+    bar = steps > 0 and sys.stderr.isatty()
     if args.max_bytes is not None:
         fit = compress_to_fit(
             img, args.max_bytes, None if preset is None else candidates, device=args.device,
             downscale=not args.no_downscale, rate_lambda=lam,
-            model=model if preset is None else None,
+            model=model if preset is None else None, latent_steps=steps, progress=bar,
         )  # fmt: skip
         data, model, preset, lam = fit.data, fit.model, fit.preset, fit.rate_lambda
     else:
-        data = compress_image(img, model, stages=args.stages, rate_lambda=lam)
+        data = compress_image(
+            img, model, stages=args.stages, rate_lambda=lam, latent_steps=steps, progress=bar
+        )
     dt = time.perf_counter() - t0
     total = model.config.stages
     write_output(out, data, args.force)
     sent, shrunk = _stages_sent(data), _downscale(data)
-    if sent == total and not shrunk and lam == 0:
+    if sent == total and not shrunk and lam == 0 and steps == 0:
         # Decoding is bit-exact in the codes, so the decoder's image is the conv decoder applied
         # to the encoder's codes: no entropy decoding needed for the PSNR.
         recon = _reconstruct(img, model)
@@ -451,6 +479,7 @@ def run_compress(args) -> int:
         + ("" if not shrunk else f" (image shrunk {1 << shrunk}x)")
         + ("" if preset is None else f", quality {preset.quality} (preset {preset.name})")
         + ("" if lam == 0 else f", rate lambda {lam:g}")
+        + ("" if steps == 0 else f", {steps} latent steps")
     )
     if args.max_bytes is not None and sent < total:
         print(

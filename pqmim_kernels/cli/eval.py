@@ -86,6 +86,14 @@ def register(subparsers) -> None:
         "and BD metrics use the Pareto front of all PQ-MIM points",
     )
     p.add_argument(
+        "--pqmim-latent-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="encode every PQ-MIM file with N steps of decoder-aware latent search (pqmim "
+        "compress --latent-steps): setting MODEL+N; N decoder passes per image and setting",
+    )
+    p.add_argument(
         "--device",
         default="cpu",
         help="device for PQ-MIM: cpu | cuda | cuda:N (with cuda, use --workers 1)",
@@ -154,6 +162,23 @@ def run(args: argparse.Namespace) -> int:
         elif picked:
             raise ValueError("give pqmim@NAME entries in --codecs or --pqmim-models, not both")
         models = lambda_settings(models, lambdas)
+    if args.pqmim_latent_steps:
+        from pqmim_kernels.evaluation.codecs import latent_step_settings, preset_names
+        from pqmim_kernels.evaluation.selection import group_pqmim
+        from pqmim_kernels.models.latent_opt import check_latent_steps
+
+        try:
+            check_latent_steps(args.pqmim_latent_steps)
+        except ValueError as exc:
+            raise ValueError(f"--pqmim-latent-steps: {exc}".replace("compress: ", "")) from None
+        names, picked = group_pqmim(names)
+        if "pqmim" not in names:
+            raise ValueError("--pqmim-latent-steps: add pqmim (or pqmim@NAME) to --codecs")
+        if models is None:
+            models = list(picked or preset_names())
+        elif picked:
+            raise ValueError("give pqmim@NAME entries in --codecs or --pqmim-models, not both")
+        models = latent_step_settings(models, args.pqmim_latent_steps)
     if args.device.startswith("cuda"):
         import torch
 

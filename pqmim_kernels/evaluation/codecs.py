@@ -337,7 +337,8 @@ class PQMIMCodec(Codec):
     (PQ-MIM trains one model per (M, K)); ``"MODEL@N"`` sends only the first N coding stages of
     that model and lets the decoder fill the rest (hybrid mode, PQMIM.md §7), so one model gives
     a sweep of lower-rate points (:func:`stage_settings`); ``"MODEL~L"`` codes with rate-aware
-    assignment at ``rate_lambda`` L (:func:`lambda_settings`; grammar: :func:`parse_setting`).
+    assignment at ``rate_lambda`` L (:func:`lambda_settings`) and ``"MODEL+S"`` with ``S``
+    steps of decoder-aware encoding (``latent_steps``; grammar: :func:`parse_setting`).
     The default sweep is every bundled preset, by quality (:func:`preset_names`).
 
     Talks to ``pqmim_kernels.models`` through three functions only: ``load_model(name_or_path,
@@ -459,10 +460,12 @@ class PQMIMCodec(Codec):
         return out
 
     def encode(self, img: np.ndarray, setting: Any) -> bytes:
-        _, stages, lam = parse_setting(setting)
+        _, stages, lam, steps = _parse_setting(setting)
         kwargs: dict[str, Any] = {} if stages is None else {"stages": stages}
         if lam:
             kwargs["rate_lambda"] = lam
+        if steps:
+            kwargs["latent_steps"] = steps
         return bytes(self.api().compress_image(img, model=self._model(setting), **kwargs))
 
     def decode(self, data: bytes, setting: Any) -> np.ndarray:
@@ -492,21 +495,36 @@ def _find_preset(name: str):
 
 
 def parse_setting(setting: str) -> tuple[str, int | None, float | None]:
-    """``"MODEL[@N][~L]"`` -> ``(MODEL, N or None, L or None)``: a model name or path, then
-    optionally ``@N`` (send the first N coding stages) and ``~L`` (rate-aware assignment with
-    ``rate_lambda`` L), in either order.
+    """``"MODEL[@N][~L][+S]"`` -> ``(MODEL, N or None, L or None)``: a model name or path, then
+    optionally ``@N`` (send the first N coding stages), ``~L`` (rate-aware assignment with
+    ``rate_lambda`` L) and ``+S`` (``latent_steps`` S of decoder-aware encoding, read by
+    :func:`setting_latent_steps`), in any order.
 
-    Only a trailing ``@`` + digits is a stage count and a trailing ``~`` + a number a lambda, so
-    paths containing ``@`` or ``~`` still work. Raises ``ValueError`` for a stage count < 1 or
-    a lambda that is negative or not finite.
+    Only a trailing ``@`` + digits is a stage count, a trailing ``~`` + a number a lambda and a
+    trailing ``+`` + digits a step count, so paths containing ``@``, ``~`` or ``+`` still work.
+    Raises ``ValueError`` for a stage count < 1 or a lambda that is negative or not finite (a
+    step count above the encoder's limit fails when the first image is encoded).
     """
-    name, stages, lam = setting, None, None
-    for _ in range(2):
+    return _parse_setting(setting)[:3]
+
+
+def setting_latent_steps(setting: str) -> int:
+    """The ``+S`` latent steps of a setting (0 without one; see :func:`parse_setting`)."""
+    return _parse_setting(setting)[3]
+
+
+def _parse_setting(setting: str) -> tuple[str, int | None, float | None, int]:
+    name, stages, lam, steps = setting, None, None, None
+    for _ in range(3):
         head, at, tail = name.rpartition("@")
         if stages is None and at and head and tail.isdigit():
             if int(tail) < 1:
                 raise ValueError(f"codec 'pqmim': stages in {setting!r} must be >= 1")
             name, stages = head, int(tail)
+            continue
+        head, plus, tail = name.rpartition("+")
+        if steps is None and plus and head and tail.isdigit():
+            name, steps = head, int(tail)
             continue
         head, tilde, tail = name.rpartition("~")
         if lam is None and tilde and head:
@@ -519,12 +537,21 @@ def parse_setting(setting: str) -> tuple[str, int | None, float | None]:
                     f"codec 'pqmim': rate lambda in {setting!r} must be a finite number >= 0"
                 )
             name, lam = head, value
-    return name, stages, lam
+            continue
+        break
+    return name, stages, lam, steps or 0
+
+
+def latent_step_settings(settings: Sequence[str], steps: int) -> list[str]:
+    """Each setting with ``latent_steps`` S: ``SETTING+S`` (``SETTING`` itself for S = 0)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"--pqmim-latent-steps: expected an integer >= 0, got {steps!r}")
+    return [s if steps == 0 else f"{s}+{steps}" for s in settings]
 
 
 def split_setting(setting: str) -> tuple[str, int | None]:
     """``"model.pt@4"`` -> ``("model.pt", 4)``; ``"model.pt"`` -> ``("model.pt", None)``; a
-    ``~L`` lambda suffix is dropped (see :func:`parse_setting`)."""
+    ``~L`` lambda or ``+S`` steps suffix is dropped (see :func:`parse_setting`)."""
     name, stages, _ = parse_setting(setting)
     return name, stages
 

@@ -275,6 +275,8 @@ def compress_image(
     downscale: bool = True,
     rate_lambda: float = 0.0,
     rate_search: bool = True,
+    latent_steps: int = 0,
+    progress: bool = False,
 ) -> bytes:
     """uint8 (H, W, 3) RGB -> ``.pqm`` bytes.
 
@@ -286,18 +288,26 @@ def compress_image(
     ``ValueError`` if even the first stage does not fit.
     ``rate_lambda`` >= 0: rate-aware code assignment (:meth:`PQMIM.encode_codes`; 0 = nearest
     codewords), also for every file the ``max_bytes`` search tries. ``rate_search``: see
-    :func:`compress_to_fit`.
+    :func:`compress_to_fit`. ``latent_steps`` N > 0: decoder-aware latent optimisation
+    (:meth:`PQMIM.compress`; N decoder passes per model tried, ``progress`` shows a bar).
     """
     x = _as_tensor(img)
     lam = check_rate_lambda(rate_lambda)
     if max_bytes is None:
         return (model or preset_model(presets.default())).compress(
-            x, stages=stages, rate_lambda=lam
+            x, stages=stages, rate_lambda=lam, latent_steps=latent_steps, progress=progress
         )
     if stages is not None:
         raise ValueError("compress_image: give stages or max_bytes, not both")
     fit = compress_to_fit(
-        img, max_bytes, downscale=downscale, rate_lambda=lam, rate_search=rate_search, model=model
+        img,
+        max_bytes,
+        downscale=downscale,
+        rate_lambda=lam,
+        rate_search=rate_search,
+        model=model,
+        latent_steps=latent_steps,
+        progress=progress,
     )
     return fit.data
 
@@ -307,9 +317,41 @@ def _check_budget(max_bytes) -> None:
         raise ValueError(f"compress_image: max_bytes must be a positive int, got {max_bytes!r}")
 
 
+class _Encodings:
+    """One image's latents per (model, downscale), encoded once (``latent_steps`` > 0: and
+    optimised once, :func:`~pqmim_kernels.models.latent_opt.optimize_latent`), however many
+    files a budget search codes from them. ``x``: (1, 3, H, W) float in [0, 1]."""
+
+    def __init__(self, x: torch.Tensor, latent_steps: int = 0, progress: bool = False) -> None:
+        from pqmim_kernels.models.latent_opt import check_latent_steps
+
+        self.x, self.steps, self.progress = x, check_latent_steps(latent_steps), progress
+        self.size = (int(x.shape[2]), int(x.shape[3]))
+        self._latents: dict[tuple[int, int], torch.Tensor] = {}
+
+    def latent(self, model: PQMIM, downscale: int = 0) -> torch.Tensor:
+        """(h, w, D): the latent ``model`` sends for the image shrunk ``2**downscale``."""
+        from pqmim_kernels.models.codec import shrink
+
+        key = (id(model), downscale)
+        if key not in self._latents:
+            x = shrink(self.x, downscale).to(model._device())
+            self._latents[key] = model._encode(x, self.steps, self.progress)[0][0]
+        return self._latents[key]
+
+    def compress(self, model: PQMIM, downscale: int = 0, lam: float = 0.0) -> bytes:
+        """The complete file: :meth:`PQMIM.compress` of the image, from the cached latent."""
+        latent = self.latent(model, downscale)
+        return model.compress_latent(latent, self.size, downscale=downscale, rate_lambda=lam)
+
+    def codes(self, model: PQMIM, downscale: int = 0, lam: float = 0.0) -> torch.Tensor:
+        """(h, w, M) int64: :meth:`PQMIM.encode_codes` of the image, from the cached latent."""
+        return model.assign(self.latent(model, downscale)[None], lam)[0]
+
+
 def _fit_stages(
     model: PQMIM,
-    x: torch.Tensor,
+    enc: _Encodings,
     max_bytes: int,
     full_size: int,
     downscale: int = 0,
@@ -319,10 +361,8 @@ def _fit_stages(
     ``full_size`` bytes, does not): ``(data or None, stages, bytes of the smallest file tried)``.
 
     File size grows with the stages sent: binary search, the image encoded once."""
-    from pqmim_kernels.models.codec import shrink
-
-    size = (int(x.shape[2]), int(x.shape[3]))
-    codes = model.encode_codes(shrink(x, downscale).to(model._device()), rate_lambda)[0]
+    size = enc.size
+    codes = enc.codes(model, downscale, rate_lambda)
     lo, hi, best, sent, smallest = 1, model.config.stages - 1, None, 0, full_size
     while lo <= hi:
         mid = (lo + hi) // 2
@@ -356,6 +396,8 @@ def compress_to_fit(
     rate_lambda: float = 0.0,
     rate_search: bool = True,
     model: PQMIM | None = None,
+    latent_steps: int = 0,
+    progress: bool = False,
 ) -> BudgetFit:
     """The file within ``max_bytes`` bytes that codes the most of the image, over presets and
     stages (``candidates``: default every preset of the registry; ``model``: this model alone
@@ -384,18 +426,20 @@ def compress_to_fit(
 
     Raises ``ValueError`` if even one coding stage of every candidate at 8x downscale is over
     the budget. ``rate_lambda``: the rate-aware assignment of every file tried
-    (:meth:`PQMIM.encode_codes`).
+    (:meth:`PQMIM.encode_codes`). ``latent_steps``: decoder-aware latent optimisation
+    (:meth:`PQMIM.compress`), once per candidate model and downscale the search tries (each
+    latent is cached, however many stage counts and lambdas are coded from it).
     """
     _check_budget(max_bytes)
     lam = check_rate_lambda(rate_lambda)
-    x = _as_tensor(img)
+    enc = _Encodings(_as_tensor(img), latent_steps, progress)
     if model is not None:
         if candidates is not None:
             raise ValueError("compress_to_fit: give candidates or model, not both")
-        return _fit(x, max_bytes, [(None, model)], downscale, lam, rate_search)
+        return _fit(enc, max_bytes, [(None, model)], downscale, lam, rate_search)
     order = sorted(candidates or presets.registry(), key=lambda p: p.quality, reverse=True)
     models = [(preset, preset_model(preset, device)) for preset in order]
-    return _fit(x, max_bytes, models, downscale, lam, rate_search)
+    return _fit(enc, max_bytes, models, downscale, lam, rate_search)
 
 
 # Rate lambdas a byte budget may use for complete files (rate_search): on held-out photos
@@ -404,7 +448,7 @@ BUDGET_LAMBDAS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064)
 
 
 def _fit(
-    x: torch.Tensor,
+    enc: _Encodings,
     max_bytes: int,
     entries,
     downscale: bool = True,
@@ -417,8 +461,9 @@ def _fit(
     from pqmim_kernels.models.schedule import stage_bounds
 
     loaded = []
+    x = enc.x
     for preset, model in entries:
-        data = model.compress(x, rate_lambda=lam)
+        data = enc.compress(model, 0, lam)
         if len(data) <= max_bytes:
             return BudgetFit(data, model, preset, model.config.stages, lam)
         loaded.append((preset, model, len(data)))
@@ -427,8 +472,8 @@ def _fit(
         best, best_tokens, smallest = None, -1, None
         for preset, model, full in loaded:  # best quality first: a tie keeps the higher one
             if downscale:
-                full = len(model.compress(x, downscale=downscale, rate_lambda=lam))
-            data, sent, size = _fit_stages(model, x, max_bytes, full, downscale, lam)
+                full = len(enc.compress(model, downscale, lam))
+            data, sent, size = _fit_stages(model, enc, max_bytes, full, downscale, lam)
             if data is None:
                 if smallest is None or size < smallest[0]:
                     smallest = (size, preset)
@@ -440,8 +485,8 @@ def _fit(
         return best, smallest
 
     partial, smallest = most_tokens(0)
-    shrunk = _fit_downscaled(loaded, x, max_bytes, lam) if downscale else None
-    rated = _fit_lambdas(loaded, x, max_bytes, lam) if rate_search else []
+    shrunk = _fit_downscaled(loaded, enc, max_bytes, lam) if downscale else None
+    rated = _fit_lambdas(loaded, enc, max_bytes, lam) if rate_search else []
     found = [fit for fit in (shrunk, partial, *rated) if fit is not None]
     if len(found) > 1:  # ties: the first (shrunk, partial, then rated best quality first)
         return max(found, key=lambda fit: _fit_psnr(fit, x))
@@ -452,7 +497,7 @@ def _fit(
         partial, smallest = most_tokens(MAX_DOWNSCALE)
         how = f" with the image shrunk {1 << MAX_DOWNSCALE}x"
         if partial is not None:
-            partial = _best_decoded_stages(partial, x, MAX_DOWNSCALE, lam)
+            partial = _best_decoded_stages(partial, enc, MAX_DOWNSCALE, lam)
     if partial is None:
         size, preset = smallest
         what = f"preset {preset.label()}" if preset is not None else "the model"
@@ -463,7 +508,7 @@ def _fit(
     return partial
 
 
-def _fit_lambdas(loaded, x: torch.Tensor, max_bytes: int, lam: float) -> list[BudgetFit]:
+def _fit_lambdas(loaded, enc: _Encodings, max_bytes: int, lam: float) -> list[BudgetFit]:
     """Per candidate (best quality first), the complete full-resolution file at the smallest
     lambda of :data:`BUDGET_LAMBDAS` above ``lam`` that fits (binary search: file size falls
     as lambda grows), for those where one does."""
@@ -473,7 +518,7 @@ def _fit_lambdas(loaded, x: torch.Tensor, max_bytes: int, lam: float) -> list[Bu
         lo, hi, best = 0, len(grid) - 1, None
         while lo <= hi:
             mid = (lo + hi) // 2
-            data = model.compress(x, rate_lambda=grid[mid])
+            data = enc.compress(model, 0, grid[mid])
             if len(data) <= max_bytes:
                 best, hi = BudgetFit(data, model, preset, model.config.stages, grid[mid]), mid - 1
             else:
@@ -492,31 +537,28 @@ def _coded_tokens(data: bytes) -> tuple[int, int]:
     return -(-ch // DOWNSAMPLING), -(-cw // DOWNSAMPLING)
 
 
-def _fit_downscaled(loaded, x: torch.Tensor, max_bytes: int, lam: float) -> BudgetFit | None:
+def _fit_downscaled(loaded, enc: _Encodings, max_bytes: int, lam: float) -> BudgetFit | None:
     """The complete file of the least downscaled image, best quality first, within the budget."""
     from pqmim_kernels.coding.pqm_format import MAX_DOWNSCALE
 
     for k in range(1, MAX_DOWNSCALE + 1):
         for preset, model, _ in loaded:
-            data = model.compress(x, downscale=k, rate_lambda=lam)
+            data = enc.compress(model, k, lam)
             if len(data) <= max_bytes:
                 return BudgetFit(data, model, preset, model.config.stages, lam)
     return None
 
 
 def _best_decoded_stages(
-    fit: BudgetFit, x: torch.Tensor, downscale: int, lam: float = 0.0
+    fit: BudgetFit, enc: _Encodings, downscale: int, lam: float = 0.0
 ) -> BudgetFit:
     """Of the files of ``fit``'s model with 1 .. ``fit.stages_sent`` stages of the image shrunk
     ``2**downscale`` (all within the budget: fewer stages, fewer bytes), the one whose decode
     (greedy fill) has the highest PSNR; ties keep more stages. With so little sent the greedy
     fill is erratic (a 3840x2560 photo at 8x: 11.8 dB from 1 stage, 8.6 dB from 2, 13.6 from 3),
     and decoding the <= 1,024 tokens of an 8x-shrunk image is cheap."""
-    from pqmim_kernels.models.codec import shrink
-
-    model = fit.model
-    codes = model.encode_codes(shrink(x, downscale).to(model._device()), lam)[0]
-    size = (int(x.shape[2]), int(x.shape[3]))
+    model, x, size = fit.model, enc.x, enc.size
+    codes = enc.codes(model, downscale, lam)
     best, best_psnr = fit, _fit_psnr(fit, x)
     for stages in range(fit.stages_sent - 1, 0, -1):
         data = model.compress_codes(codes, size, stages=stages, downscale=downscale)

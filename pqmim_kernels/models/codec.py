@@ -130,6 +130,14 @@ class _NullCoder:
         pass
 
 
+def _check_downscale(downscale) -> None:
+    if downscale not in range(pqm_format.MAX_DOWNSCALE + 1) or isinstance(downscale, bool):
+        raise ValueError(
+            f"compress: downscale must be an int in [0, {pqm_format.MAX_DOWNSCALE}], "
+            f"got {downscale!r}"
+        )
+
+
 def _check_image(x, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -208,7 +216,9 @@ class PQMIM(nn.Module):
         q, idx, loss = self.quantizer(y.reshape(b, h * w, d))
         return q.view(b, h, w, d), idx.view(b, h, w, -1).long(), loss
 
-    def encode_codes(self, x: torch.Tensor, rate_lambda: float = 0.0) -> torch.Tensor:
+    def encode_codes(
+        self, x: torch.Tensor, rate_lambda: float = 0.0, latent_steps: int = 0
+    ) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> codes (B, h, w, M) int64 (no gradient).
 
         ``rate_lambda`` 0: every sub-vector of the latent snapped to its nearest codeword (the
@@ -217,27 +227,52 @@ class PQMIM(nn.Module):
         the codeword minimising ``squared distance + lam * bits``, with ``bits`` its exact code
         length under the integer entropy model given the codes chosen before it (see
         :meth:`compress`). Files of any number of stages of these codes are what
-        ``compress(..., rate_lambda=lam)`` writes."""
+        ``compress(..., rate_lambda=lam)`` writes. ``latent_steps``: decoder-aware latent
+        optimisation first (see :meth:`compress`)."""
         lam = check_rate_lambda(rate_lambda)
-        latent, codes = self._encode(x)
+        latent, codes = self._encode(x, latent_steps)
+        return codes if lam == 0.0 else self.assign(latent, lam)
+
+    @torch.no_grad()
+    def assign(self, latent: torch.Tensor, rate_lambda: float = 0.0) -> torch.Tensor:
+        """latent (B, h, w, D) float -> codes (B, h, w, M) int64: the nearest codewords
+        (pinned launch configs), or with ``rate_lambda`` > 0 the rate-aware choice of
+        :meth:`encode_codes`."""
+        lam = check_rate_lambda(rate_lambda)
+        pinned, self.quantizer.pinned = self.quantizer.pinned, True
+        try:
+            codes = self.quantize(latent.to(self._device()).float())[1]
+        finally:
+            self.quantizer.pinned = pinned
         if lam == 0.0:
             return codes
         b, h, w, m = codes.shape
         for i in range(b):
             flat = codes[i].reshape(h * w, m).clone()
-            rd = (latent[i].reshape(h * w, -1), lam)
-            with torch.no_grad():
-                self._code((h, w), flat, self.config.stages, _NullCoder(), False, rd=rd)
+            rd = (latent[i].reshape(h * w, -1).to(self._device()).float(), lam)
+            self._code((h, w), flat, self.config.stages, _NullCoder(), False, rd=rd)
             codes[i] = flat.view(h, w, m)
         return codes
 
-    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(
+        self, x: torch.Tensor, latent_steps: int = 0, progress: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> ``(latent (B, h, w, D), nearest codes (B, h, w, M) int64)``, no
-        gradient, pinned launch configs."""
+        gradient, pinned launch configs. ``latent_steps`` > 0: each image's latent optimised
+        first (:func:`~pqmim_kernels.models.latent_opt.optimize_latent`)."""
+        from pqmim_kernels.models.latent_opt import check_latent_steps, optimize_latent
+
+        steps = check_latent_steps(latent_steps)
         pinned, self.quantizer.pinned = self.quantizer.pinned, True
         try:
             with torch.no_grad():
                 latent = self.encode_latent(x)
+            for i in range(latent.shape[0] if steps else 0):
+                one = x[i : i + 1]
+                latent[i] = optimize_latent(
+                    self, one, steps, latent=latent[i : i + 1], progress=progress
+                )[0]
+            with torch.no_grad():
                 return latent, self.quantize(latent)[1]
         finally:
             self.quantizer.pinned = pinned
@@ -505,6 +540,8 @@ class PQMIM(nn.Module):
         stages: int | None = None,
         downscale: int = 0,
         rate_lambda: float = 0.0,
+        latent_steps: int = 0,
+        progress: bool = False,
     ) -> bytes:
         """(1, 3, H, W) float in [0, 1] -> bytes of a ``.pqm`` file.
 
@@ -518,23 +555,63 @@ class PQMIM(nn.Module):
         the codeword minimising ``squared distance + lam * bits`` under the entropy model's
         exact code lengths in context (:meth:`_code`): smaller files for a little more
         distortion (on held-out photos with the default model, 0.002 saves ~10 % of the bits
-        for ~0.05 dB). The file format and decoder are the same for every lam.
+        for ~0.05 dB). ``latent_steps`` N > 0: the encoder first spends N gradient steps
+        looking for a latent whose codes this decoder draws closer to ``x``
+        (:func:`~pqmim_kernels.models.latent_opt.optimize_latent`; N forward + backward
+        passes of the decoder, ``progress`` shows a bar); best with a small ``rate_lambda``
+        (e.g. 30 steps and 0.0005), which keeps the bits where they were. The file format
+        and decoder are the same for every lam and N: only the encoder searches.
         """
         _check_image(x)
         if x.shape[0] != 1:
             raise ValueError(f"compress: x must hold one image (1, 3, H, W), got {tuple(x.shape)}")
         height, width = int(x.shape[2]), int(x.shape[3])
         self._check_size(height, width)
+        self._check_stages(stages)
+        _check_downscale(downscale)
+        check_rate_lambda(rate_lambda)
+        x = shrink(x, downscale).to(self._device())
+        latent = self._encode(x, latent_steps, progress)[0][0]
+        return self.compress_latent(latent, (height, width), stages, downscale, rate_lambda)
+
+    @torch.no_grad()
+    def compress_latent(
+        self,
+        latent: torch.Tensor,
+        size: tuple[int, int],
+        stages: int | None = None,
+        downscale: int = 0,
+        rate_lambda: float = 0.0,
+    ) -> bytes:
+        """A latent (h, w, D) float of an image of ``size = (H, W)`` pixels (as
+        :meth:`encode_latent` or :func:`~pqmim_kernels.models.latent_opt.optimize_latent` give
+        it, of the image shrunk ``2**downscale``) -> bytes of a ``.pqm`` file: its nearest
+        codes, or with ``rate_lambda`` > 0 rate-aware ones, coded as :meth:`compress` codes
+        them. The way to code one encoded image several ways (stages, lambdas) without
+        encoding it again."""
         stages = self._check_stages(stages)
-        if downscale not in range(pqm_format.MAX_DOWNSCALE + 1) or isinstance(downscale, bool):
-            raise ValueError(
-                f"compress: downscale must be an int in [0, {pqm_format.MAX_DOWNSCALE}], "
-                f"got {downscale!r}"
-            )
+        _check_downscale(downscale)
         lam = check_rate_lambda(rate_lambda)
-        latent, codes = (t[0] for t in self._encode(shrink(x, downscale).to(self._device())))
+        if not isinstance(latent, torch.Tensor) or latent.dim() != 3:
+            got = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
+            raise ValueError(f"compress_latent: latent must have shape (h, w, D), got {got}")
+        dim = self.quantizer.embed.shape[0] * self.quantizer.embed.shape[2]
+        if latent.shape[2] != dim or not latent.dtype.is_floating_point:
+            raise ValueError(
+                f"compress_latent: latent must be float (h, w, {dim}), got "
+                f"{tuple(latent.shape)} {latent.dtype}"
+            )
+        f = 1 << downscale
+        grid = tuple(math.ceil(math.ceil(int(v) / f) / DOWNSAMPLING) for v in size)
+        if tuple(latent.shape[:2]) != grid:
+            raise ValueError(
+                f"compress_latent: a {size[1]}x{size[0]} image at downscale {downscale} has a "
+                f"{grid[0]}x{grid[1]} token grid, the latent {latent.shape[0]}x{latent.shape[1]}"
+            )
+        latent = latent.to(self._device()).float()
+        codes = self.assign(latent[None])[0]
         rd = None if lam == 0.0 else (latent.reshape(-1, latent.shape[-1]), lam)
-        return self._write(codes, (height, width), stages, downscale, rd)  # one coding pass
+        return self._write(codes, tuple(size), stages, downscale, rd)  # one coding pass
 
     def _check_stages(self, stages) -> int:
         total = self.config.stages
@@ -583,8 +660,10 @@ class PQMIM(nn.Module):
         if not isinstance(codes, torch.Tensor) or tuple(codes.shape) != (h, w, m):
             got = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
             raise ValueError(f"compress_codes: codes must be a ({h}, {w}, {m}) tensor, got {got}")
-        if codes.dtype.is_floating_point or codes.numel() and not (
-            0 <= int(codes.min()) and int(codes.max()) < k
+        if (
+            codes.dtype.is_floating_point
+            or codes.numel()
+            and not (0 <= int(codes.min()) and int(codes.max()) < k)
         ):
             raise ValueError(f"compress_codes: codes must be integers in [0, {k})")
         flat = codes.reshape(h * w, m).to(self._device(), torch.int64)
