@@ -86,3 +86,30 @@ def _phases(model, img) -> dict:
     model.compress_codes(codes, img.shape[:2])
     t2 = time.perf_counter()
     return {"phase_conv_pq_s": t1 - t0, "phase_entropy_rans_s": t2 - t1}
+
+
+@pytest.mark.parametrize("steps", [30])
+def bench_codec_latent_search(benchmark, setup, machine_name, steps):
+    """``compress_image(..., latent_steps=30)`` on one Kodak image: the price of the encoder's
+    decoder-aware search (30 forward + backward passes of g_s), against the plain encode above;
+    the file's bpp and PSNR gain go in ``extra_info``."""
+    from pqmim_kernels.evaluation.metrics import psnr
+    from pqmim_kernels.models import compress_image, decompress_image
+
+    model, imgs, files = setup
+    img = imgs[0]
+    data = benchmark.pedantic(
+        lambda: compress_image(img, model, latent_steps=steps), rounds=1, iterations=1
+    )
+    pixels = img.shape[0] * img.shape[1]
+    benchmark.extra_info.update(
+        machine=machine_name("cpu"),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        images=IMAGES[:1],
+        latent_steps=steps,
+        bpp=8 * len(data) / pixels,
+        bpp_plain=8 * len(files[0]) / pixels,
+        psnr=psnr(img, decompress_image(data, model)),
+        psnr_plain=psnr(img, decompress_image(files[0], model)),
+    )
