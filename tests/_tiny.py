@@ -29,3 +29,24 @@ def make_coding_ready(model, seed: int = 0):
         model.entropy_model.calibrate([(codes, stage_grid(8, 9, cfg.stages))])
     model.export_entropy_model()
     return model
+
+
+def smooth_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """(1, 3, h, w) float in [0, 1]: a smooth random image plus noise, so codes vary across the
+    token grid."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(1, 3, max(1, h // 8 + 1), max(1, w // 8 + 1), generator=g)
+    x = torch.nn.functional.interpolate(base, size=(h, w), mode="bilinear", align_corners=False)
+    return (x + 0.1 * torch.rand(1, 3, h, w, generator=g)).clamp(0, 1)
+
+
+def coding_tiny(image_seed: int = 9):
+    """An untrained :data:`TINY` PQMIM (torch seed 0) whose codebooks were k-means-initialised
+    on a smooth image's latents, coding-ready (:func:`make_coding_ready`), in eval mode."""
+    from pqmim_kernels.models import PQMIM
+
+    torch.manual_seed(0)
+    m = PQMIM(TINY).train()
+    with torch.no_grad():
+        m.quantize(m.encode_latent(smooth_image(64, 64, image_seed).expand(4, 3, 64, 64)))
+    return make_coding_ready(m.eval(), 0)

@@ -7,13 +7,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from _tiny import TINY, make_coding_ready
+from _tiny import TINY, coding_tiny, smooth_image
 from PIL import Image
 
 import pqmim_kernels.models.latent_opt as latent_opt
 from pqmim_kernels.cli.main import main
 from pqmim_kernels.models import (
-    PQMIM,
     compress_image,
     compress_to_fit,
     decompress_image,
@@ -23,17 +22,9 @@ from pqmim_kernels.models import (
 from pqmim_kernels.models.latent_opt import optimize_latent
 
 
-def _tiny():
-    torch.manual_seed(0)
-    m = PQMIM(TINY).train()
-    with torch.no_grad():
-        m.quantize(m.encode_latent(_image(64, 64, 9).expand(4, 3, 64, 64)))
-    return make_coding_ready(m.eval(), 0)
-
-
 @pytest.fixture(scope="module")
 def model():
-    return _tiny()
+    return coding_tiny()
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +32,7 @@ def sharp():
     """The tiny model with a decoder that every code changes a lot: a random 1x1 conv to
     16 x 16 RGB pixels per token (the untrained tiny g_s is nearly constant, so no search could
     find better codes for it)."""
-    m = _tiny()
+    m = coding_tiny()
     g = torch.Generator().manual_seed(1)
     conv = torch.nn.Conv2d(TINY.latent_dim, 3 * 256, 1)
     with torch.no_grad():
@@ -57,11 +48,7 @@ def lr(monkeypatch):
     monkeypatch.setattr(latent_opt, "LATENT_LR", 0.03)
 
 
-def _image(h, w, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.rand(1, 3, h // 8 + 1, w // 8 + 1, generator=g)
-    x = torch.nn.functional.interpolate(base, size=(h, w), mode="bilinear", align_corners=False)
-    return (x + 0.1 * torch.rand(1, 3, h, w, generator=g)).clamp(0, 1)
+_image = smooth_image
 
 
 def _mse(model, x, data):

@@ -6,12 +6,11 @@ import re
 import numpy as np
 import pytest
 import torch
-from _tiny import TINY, make_coding_ready
+from _tiny import TINY, coding_tiny, smooth_image
 from PIL import Image
 
 from pqmim_kernels.cli.main import main
 from pqmim_kernels.models import (
-    PQMIM,
     compress_image,
     decompress_image,
     load_model,
@@ -23,18 +22,10 @@ LAMS = [0.0, 0.01, 0.1, 1.0]
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = PQMIM(TINY).train()
-    with torch.no_grad():
-        m.quantize(m.encode_latent(_image(64, 64, 9).expand(4, 3, 64, 64)))
-    return make_coding_ready(m.eval(), 0)
+    return coding_tiny()
 
 
-def _image(h, w, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.rand(1, 3, h // 8 + 1, w // 8 + 1, generator=g)
-    x = torch.nn.functional.interpolate(base, size=(h, w), mode="bilinear", align_corners=False)
-    return (x + 0.1 * torch.rand(1, 3, h, w, generator=g)).clamp(0, 1)
+_image = smooth_image
 
 
 def _sq_dist(model, x, codes):

@@ -128,6 +128,23 @@ def _check_out_folder(out: str) -> None:
     os.unlink(probe)
 
 
+def _pqmim_models(names: list, models: list | None, flag: str) -> tuple[list, list]:
+    """For a flag that rewrites every PQ-MIM setting: ``names`` with the ``pqmim@NAME``
+    entries folded into ``pqmim``, and the settings to rewrite (``models``, else the picked
+    presets, else every preset). ``ValueError`` naming ``flag`` without any PQ-MIM entry."""
+    from pqmim_kernels.evaluation.codecs import preset_names
+    from pqmim_kernels.evaluation.selection import group_pqmim
+
+    names, picked = group_pqmim(names)
+    if "pqmim" not in names:
+        raise ValueError(f"{flag}: add pqmim (or pqmim@NAME) to --codecs")
+    if models is None:
+        return names, list(picked or preset_names())
+    if picked:
+        raise ValueError("give pqmim@NAME entries in --codecs or --pqmim-models, not both")
+    return names, models
+
+
 def _number_list(text: str, kind, flag: str, what: str) -> list:
     """``"1,2,3"`` -> ``[kind(v), ...]``; ``ValueError`` naming ``flag`` for anything else."""
     try:
@@ -150,34 +167,20 @@ def run(args: argparse.Namespace) -> int:
     if args.pqmim_stages:
         stages = _number_list(args.pqmim_stages, int, "--pqmim-stages", "integers")
     if args.pqmim_lambdas:
-        from pqmim_kernels.evaluation.codecs import lambda_settings, preset_names
-        from pqmim_kernels.evaluation.selection import group_pqmim
+        from pqmim_kernels.evaluation.codecs import lambda_settings
 
         lambdas = _number_list(args.pqmim_lambdas, float, "--pqmim-lambdas", "numbers")
-        names, picked = group_pqmim(names)
-        if "pqmim" not in names:
-            raise ValueError("--pqmim-lambdas: add pqmim (or pqmim@NAME) to --codecs")
-        if models is None:
-            models = list(picked or preset_names())
-        elif picked:
-            raise ValueError("give pqmim@NAME entries in --codecs or --pqmim-models, not both")
+        names, models = _pqmim_models(names, models, "--pqmim-lambdas")
         models = lambda_settings(models, lambdas)
     if args.pqmim_latent_steps:
-        from pqmim_kernels.evaluation.codecs import latent_step_settings, preset_names
-        from pqmim_kernels.evaluation.selection import group_pqmim
+        from pqmim_kernels.evaluation.codecs import latent_step_settings
         from pqmim_kernels.models.latent_opt import check_latent_steps
 
         try:
             check_latent_steps(args.pqmim_latent_steps)
         except ValueError as exc:
             raise ValueError(f"--pqmim-latent-steps: {exc}".replace("compress: ", "")) from None
-        names, picked = group_pqmim(names)
-        if "pqmim" not in names:
-            raise ValueError("--pqmim-latent-steps: add pqmim (or pqmim@NAME) to --codecs")
-        if models is None:
-            models = list(picked or preset_names())
-        elif picked:
-            raise ValueError("give pqmim@NAME entries in --codecs or --pqmim-models, not both")
+        names, models = _pqmim_models(names, models, "--pqmim-latent-steps")
         models = latent_step_settings(models, args.pqmim_latent_steps)
     if args.device.startswith("cuda"):
         import torch
