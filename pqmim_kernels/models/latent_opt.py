@@ -14,10 +14,10 @@ the loss it measures). Only the encoder changes: the file format, the decoder an
 the same, and every file written this way decodes with any version that reads the model.
 
 Cost: ``steps`` forward + backward passes of g_s over the image (a Kodak image on 2 CPU
-threads: ~0.25 s per step with the bundled models). The rate is not in the loss; combine with
+threads: ~0.3 s per step with the bundled models). The rate is not in the loss; combine with
 ``rate_lambda`` (rate-aware assignment of the optimised latent, :meth:`PQMIM.compress`) to keep
-the bits where they were: on 4 held-out photos with ``high``, 30 steps and ``rate_lambda``
-0.0005 gave +0.43 dB at the same bpp.
+the bits where they were: on the 54 held-out photos with ``high``, 30 steps and ``rate_lambda``
+0.0005 gave +0.37 dB at the same bpp (``results/heldout_search``).
 
 Large images are optimised tile by tile (:data:`OPT_TILE` tokens plus :data:`OPT_HALO` tokens of
 context on each side) so that memory stays bounded; a tile's halo takes the already optimised
