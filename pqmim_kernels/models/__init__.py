@@ -336,7 +336,7 @@ class _Encodings:
         key = (id(model), downscale)
         if key not in self._latents:
             x = shrink(self.x, downscale).to(model._device())
-            self._latents[key] = model._encode(x, self.steps, self.progress)[0][0]
+            self._latents[key] = model._latent(x, self.steps, self.progress)[0]
         return self._latents[key]
 
     def compress(self, model: PQMIM, downscale: int = 0, lam: float = 0.0) -> bytes:

@@ -230,8 +230,7 @@ class PQMIM(nn.Module):
         ``compress(..., rate_lambda=lam)`` writes. ``latent_steps``: decoder-aware latent
         optimisation first (see :meth:`compress`)."""
         lam = check_rate_lambda(rate_lambda)
-        latent, codes = self._encode(x, latent_steps)
-        return codes if lam == 0.0 else self.assign(latent, lam)
+        return self.assign(self._latent(x, latent_steps), lam)
 
     @torch.no_grad()
     def assign(self, latent: torch.Tensor, rate_lambda: float = 0.0) -> torch.Tensor:
@@ -254,28 +253,22 @@ class PQMIM(nn.Module):
             codes[i] = flat.view(h, w, m)
         return codes
 
-    def _encode(
+    def _latent(
         self, x: torch.Tensor, latent_steps: int = 0, progress: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) -> ``(latent (B, h, w, D), nearest codes (B, h, w, M) int64)``, no
-        gradient, pinned launch configs. ``latent_steps`` > 0: each image's latent optimised
-        first (:func:`~pqmim_kernels.models.latent_opt.optimize_latent`)."""
+    ) -> torch.Tensor:
+        """(B, 3, H, W) -> the latent the encoder sends, (B, h, w, D) float, no gradient:
+        ``encode_latent(x)``, with ``latent_steps`` > 0 each image's optimised first
+        (:func:`~pqmim_kernels.models.latent_opt.optimize_latent`)."""
         from pqmim_kernels.models.latent_opt import check_latent_steps, optimize_latent
 
         steps = check_latent_steps(latent_steps)
-        pinned, self.quantizer.pinned = self.quantizer.pinned, True
-        try:
-            with torch.no_grad():
-                latent = self.encode_latent(x)
-            for i in range(latent.shape[0] if steps else 0):
-                one = x[i : i + 1]
-                latent[i] = optimize_latent(
-                    self, one, steps, latent=latent[i : i + 1], progress=progress
-                )[0]
-            with torch.no_grad():
-                return latent, self.quantize(latent)[1]
-        finally:
-            self.quantizer.pinned = pinned
+        with torch.no_grad():
+            latent = self.encode_latent(x)
+        for i in range(latent.shape[0] if steps else 0):
+            latent[i] = optimize_latent(
+                self, x[i : i + 1], steps, latent=latent[i : i + 1], progress=progress
+            )[0]
+        return latent
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, h, w, M) int -> the decoder's input: the quantized latent (B, D, h, w)
@@ -571,7 +564,7 @@ class PQMIM(nn.Module):
         _check_downscale(downscale)
         check_rate_lambda(rate_lambda)
         x = shrink(x, downscale).to(self._device())
-        latent = self._encode(x, latent_steps, progress)[0][0]
+        latent = self._latent(x, latent_steps, progress)[0]
         return self.compress_latent(latent, (height, width), stages, downscale, rate_lambda)
 
     @torch.no_grad()
