@@ -68,6 +68,10 @@ def save_model(
     id is computed after loading, so encoder and decoder always agree). ``extra``: a small dict
     of metadata (training steps, ...).
 
+    The model's :attr:`~PQMIM.aliases` (ids of earlier models that decode exactly like it,
+    :meth:`PQMIM.add_alias`) are stored with it, and with each variant its own, so files of
+    those ids keep decoding when only the encoder changed; they cost no weights.
+
     ``variants``: ``{name: other model}`` stored in the same file at the cost of their decoder
     only: each must equal ``model`` but for its decoder (and ``decoder_extra_blocks``), e.g. the
     model whose decoder :func:`pqmim_kernels.models.refine.refine_decoder` refined into
@@ -85,6 +89,8 @@ def save_model(
         "state_dict": state,
         "extra": extra or {},
     }
+    if _own_aliases(model):
+        blob["aliases"] = _own_aliases(model)
     int_state = model.int_state()
     if int_state is not None:
         blob["int_entropy_model"] = {"tensors": int_state[0], "meta": int_state[1]}
@@ -112,6 +118,12 @@ def save_model(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _own_aliases(model: PQMIM) -> list[str]:
+    """``model``'s aliases as hex strings, without its own id."""
+    mine = model.model_id()
+    return [a.hex() for a in model.aliases if a != mine]
 
 
 def _variant_entry(model: PQMIM, other: PQMIM, name: str) -> dict:
@@ -149,6 +161,7 @@ def _variant_entry(model: PQMIM, other: PQMIM, name: str) -> dict:
         "config": theirs,
         "decoder": decoder,
         "model_id": other.model_id().hex(),
+        "aliases": _own_aliases(other),
     }
 
 
@@ -227,6 +240,7 @@ def load_model(
         dec.load_state_dict({k: v.float() for k, v in blob["perceptual_decoder"].items()})
         model.perceptual_decoder = dec.eval()
     model.training_info = blob.get("extra", {})
+    model.aliases = _aliases((entry or blob).get("aliases", []), path)
     if entry is not None:
         got = model.model_id().hex()
         if got != entry["model_id"]:
@@ -236,6 +250,19 @@ def load_model(
             )
         model.training_info = {**model.training_info, "variant": variant}
     return model.to(device).eval()
+
+
+def _aliases(stored, path) -> tuple[bytes, ...]:
+    """The model ids a file lists under "aliases" (hex strings of 2 bytes), as bytes."""
+    try:
+        out = tuple(bytes.fromhex(a) for a in stored)
+    except (TypeError, ValueError):
+        out = ()
+    if not isinstance(stored, list) or len(out) != len(stored) or any(len(a) != 2 for a in out):
+        raise ValueError(
+            f"load_model: {path} lists malformed model-id aliases: the file is damaged"
+        )
+    return out
 
 
 @functools.lru_cache(maxsize=8)
@@ -604,9 +631,10 @@ def model_for_file(data: bytes, device: str = "cpu") -> tuple[PQMIM, presets.Pre
     tried = []
     for preset in (first, *(p for p in presets.every() if p != first)):
         model = preset_model(preset, device)
-        if model.model_id() == wanted:
+        if model.reads(wanted):
             return model, preset
-        tried.append(f"{preset.name} {model.model_id().hex()}")
+        ids = (model.model_id(), *model.aliases)
+        tried.append(" ".join([preset.name, *(i.hex() for i in ids)]))
     raise ValueError(
         f"this .pqm file was made by model {wanted.hex()}, which is none of the presets "
         f"({', '.join(tried)}); give the model file it was made with"

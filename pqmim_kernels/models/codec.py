@@ -195,6 +195,10 @@ class PQMIM(nn.Module):
         # Backend of the integer entropy model (functional.int_session): every backend gives
         # the same integers; "auto" = the C++ engine on the CPU when built, the torch spec else.
         self.int_backend = "auto"
+        # Model ids of earlier models that decode exactly like this one (they differed only in
+        # the encoder, which no decoder runs): their files decode with this model too. Not in
+        # the state dict or the model id; set by :meth:`add_alias`, stored by ``save_model``.
+        self.aliases: tuple[bytes, ...] = ()
 
     # ---- the two halves of the PQ-VAE ----
 
@@ -429,6 +433,45 @@ class PQMIM(nn.Module):
                 arr = t.contiguous().numpy()
                 hsh.update(arr.astype(arr.dtype.newbyteorder("<")).tobytes())
         return hsh.digest()[:2]
+
+    def reads(self, model_id: bytes) -> bool:
+        """Whether this model decodes the files of ``model_id`` (2 bytes): its own id or one of
+        its :attr:`aliases`."""
+        return bytes(model_id) == self.model_id() or bytes(model_id) in self.aliases
+
+    def add_alias(self, other: PQMIM) -> None:
+        """Let this model decode the files ``other`` wrote (e.g. the model whose encoder was
+        fine-tuned into this one, :func:`pqmim_kernels.models.refine.refine_encoder`).
+
+        ``other`` must decode exactly like this model: the same config, quantizer, decoder,
+        float and integer entropy model; only encoder weights may differ (no decoder runs the
+        encoder). Appends ``other.model_id()`` and ``other``'s own aliases to :attr:`aliases`
+        (``save_model`` leaves out any that equal the model's own id when it is saved).
+        Raises ``ValueError`` naming what differs.
+        """
+        if not isinstance(other, PQMIM):
+            raise TypeError(f"add_alias: expected a PQMIM, got {type(other).__name__}")
+        if other.config.to_dict() != self.config.to_dict():
+            raise ValueError("add_alias: the models have different configs")
+        a, b = self.state_dict(), other.state_dict()
+        if a.keys() != b.keys():
+            raise ValueError("add_alias: the models have different parameters")
+        differ = sorted(
+            k for k in a if not k.startswith("encoder.") and not torch.equal(a[k].cpu(), b[k].cpu())
+        )
+        if differ:
+            raise ValueError(
+                f"add_alias: the models differ in {', '.join(differ[:4])}"
+                + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
+                + "; only the encoder may differ between models that decode alike"
+            )
+        ia, ib = self._int_tensors, other._int_tensors
+        if (ia is None) != (ib is None) or self._int_meta != other._int_meta or (
+            ia is not None
+            and (ia.keys() != ib.keys() or any(not torch.equal(ia[k], ib[k]) for k in ia))
+        ):
+            raise ValueError("add_alias: the models have different integer entropy models")
+        self.aliases = tuple(dict.fromkeys((*self.aliases, other.model_id(), *other.aliases)))
 
     def _schedule(self, h: int, w: int):
         """``(order, cum, stage)``: coding order (N,) int64 numpy, stage bounds (S+1,), and the
@@ -703,11 +746,12 @@ class PQMIM(nn.Module):
                 f"({header.height * header.width} px), over the decoder's limit of {max_pixels} px "
                 "(a corrupt header, or pass max_pixels=None for a trusted file)"
             )
-        mine = self.model_id()
-        if header.model_id != mine:
+        if not self.reads(header.model_id):
+            also = ", ".join(a.hex() for a in self.aliases)
+            also = f", which also reads {also}" if also else ""
             raise ValueError(
                 f"this .pqm file was made by model {header.model_id.hex()}, not by the loaded "
-                f"model {mine.hex()} (load the model that wrote it)"
+                f"model {self.model_id().hex()}{also} (load the model that wrote it)"
             )
         if header.stages_sent > self.config.stages:
             raise ValueError(

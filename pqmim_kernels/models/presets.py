@@ -9,8 +9,8 @@ everything else asks this module:
   ``--max-bytes B`` without ``--quality`` searches every preset
   (:func:`pqmim_kernels.models.compress_to_fit`: the rule is written there);
 - ``compress_image(img)`` / ``decompress_image(data)`` without a model use
-  :data:`DEFAULT_PRESET`, and ``decompress_image`` picks the preset whose model id the file's
-  header names;
+  :data:`DEFAULT_PRESET`, and ``decompress_image`` picks the preset whose model id (or one of
+  its aliases, ``PQMIM.reads``) the file's header names;
 - ``pqmim eval --codecs pqmim`` sweeps every preset, ``pqmim@NAME`` one.
 
 Adding a model: put its file (written by ``save_model``, fp16) under ``pqmim_kernels/data/`` and

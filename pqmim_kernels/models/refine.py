@@ -40,7 +40,15 @@ from pqmim_kernels.models.config import check_block_counts
 from pqmim_kernels.models.pqvae import DOWNSAMPLING, grow_decoder
 from pqmim_kernels.models.train import _lr_factor  # the cosine schedule of pqmim train
 
-__all__ = ["RefineConfig", "code_images", "refine_decoder", "refined_model"]
+__all__ = [
+    "RefineConfig",
+    "code_images",
+    "refine_decoder",
+    "refine_encoder",
+    "refined_encoder_model",
+    "refined_model",
+    "soft_bits",
+]
 
 
 @dataclasses.dataclass
@@ -66,6 +74,7 @@ class RefineConfig:
     log_every: int = 50
     val_every: int = 500
     save_every: int = 250
+    rate_weight: float = 0.0  # refine_encoder only: weight of the soft rate term (per bpp)
     progress: bool = False  # a tqdm bar (steps, or seconds of the budget)
     budget_clock: str = "cpu"  # what ``minutes`` counts: "cpu" (process CPU time) | "wall"
 
@@ -87,6 +96,8 @@ class RefineConfig:
             )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"RefineConfig: lr must be > 0, got {self.lr!r}")
+        if not (math.isfinite(self.rate_weight) and self.rate_weight >= 0):
+            raise ValueError(f"RefineConfig: rate_weight must be >= 0, got {self.rate_weight!r}")
 
 
 @torch.no_grad()
@@ -201,24 +212,224 @@ def refine_decoder(
     """
     if not train_images:
         raise ValueError("refine_decoder: no training images")
+    device = next(model.parameters()).device
+    new = refined_model(model, cfg.extra_blocks)
+    t0 = time.process_time()
+    coded = code_images(model, train_images)
+    val = code_images(model, val_images) if val_images else []
+    sizes = [tuple(img.shape[1:]) for img in val_images]
+    tokens = cfg.crop // DOWNSAMPLING + 2
+
+    def batch_loss(gen: torch.Generator) -> torch.Tensor:
+        y, x, mask = _windows(coded, tokens, cfg.batch_size, gen, new.dequantize, device)
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            x_hat = new.decoder(y)
+        err = ((x_hat.float() - x) ** 2) * mask
+        mse = err.sum() / (mask.sum() * 3).clamp_min(1)
+        return mse, mse
+
+    def validate() -> dict:
+        return {"val_psnr": _val_psnr(new, val, sizes)}
+
+    def started() -> str:
+        return (
+            f"refine: coded {len(coded)} training and {len(val)} held-out photos in "
+            f"{time.process_time() - t0:.0f} CPU s"
+        )
+
+    steps_done, used = _train_part(
+        new.decoder, "decoder", cfg, out, batch_loss, validate if val else None, log, started,
+        {"extra_blocks": list(cfg.extra_blocks)},
+    )  # fmt: skip
+    new.training_info = {
+        **new.training_info,
+        "refine": {
+            **dataclasses.asdict(cfg),
+            "extra_blocks": list(cfg.extra_blocks),
+            "steps_done": steps_done,
+            f"{cfg.budget_clock}_s": round(used, 1),
+        },
+    }
+    return new.eval()
+
+
+def refined_encoder_model(model: PQMIM) -> PQMIM:
+    """A copy of ``model`` (eval mode, on its device) that reads ``model``'s files: the same
+    weights and integer entropy model, with ``model``'s id among its :attr:`~PQMIM.aliases`."""
+    new = PQMIM(model.config)
+    new.load_state_dict(model.state_dict())
+    int_state = model.int_state()
+    if int_state is not None:
+        new.set_int_entropy_model(*int_state)
+    new.training_info = dict(getattr(model, "training_info", {}) or {})
+    new.add_alias(model)
+    return new.to(next(model.parameters()).device).eval()
+
+
+def refine_encoder(
+    model: PQMIM,
+    train_images: list,
+    val_images: list,
+    cfg: RefineConfig,
+    out: str | Path,
+    log=print,
+) -> PQMIM:
+    """Fine-tune a copy of ``model``'s encoder against its frozen quantizer and decoder; return
+    the refined model (eval mode); ``model`` is not changed.
+
+    The decoder-aware search of :mod:`~pqmim_kernels.models.latent_opt`, learned once instead
+    of run per image: the encoder is trained to give latents whose *nearest* codewords the
+    frozen decoder draws best, loss = MSE of ``g_s(Q(g_a(x)))`` (straight-through ``Q``) on
+    random ``crop + 32``-px crops, leaving out their 16-px margin, plus the quantizer's
+    commitment term, plus ``cfg.rate_weight`` times a soft estimate of the bits per pixel
+    (:func:`soft_bits`, on a quarter of each batch) so that the new codes need not cost more.
+
+    Only the encoder changes, and no decoder runs the encoder, so the refined model decodes
+    exactly like ``model``: it lists ``model``'s id among its :attr:`~PQMIM.aliases`, every
+    file ``model`` wrote decodes with it, and replacing a bundled model this way retires
+    nothing and costs no weights. Its own files get a new id (their codes are the new
+    encoder's; their bits are whatever the frozen entropy model gives them).
+
+    ``train_images`` / ``val_images``: uint8 (3, H, W) photos; held-out PSNR and bpp (nearest
+    codes, whole photos, as the codec codes; bits of the float entropy model, within ~1 % of
+    the file) are measured every ``cfg.val_every`` steps.
+    ``cfg.extra_blocks`` must be (0, 0, 0). ``out``: run folder as for :func:`refine_decoder`
+    (``checkpoint.pt`` resumed, ``log.jsonl``).
+    """
+    if not train_images:
+        raise ValueError("refine_encoder: no training images")
+    if cfg.extra_blocks != (0, 0, 0):
+        raise ValueError(
+            f"refine_encoder: the encoder is not grown; extra_blocks must be (0, 0, 0), got "
+            f"{cfg.extra_blocks}"
+        )
+    from pqmim_kernels.models.train import _random_crops, validation_psnr
+
+    device = next(model.parameters()).device
+    new = refined_encoder_model(model)
+    for p in new.parameters():
+        p.requires_grad_(False)
+    for p in new.encoder.parameters():
+        p.requires_grad_(True)
+    images = [img.to(device) for img in train_images]
+    f = DOWNSAMPLING
+
+    def batch_loss(gen: torch.Generator) -> torch.Tensor:
+        x = _random_crops(images, cfg.crop + 2 * f, cfg.batch_size, gen)
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            y = new.encoder(x).float().permute(0, 2, 3, 1)
+            q, codes, commit = new.quantize(y)
+            x_hat = new.decoder(q.permute(0, 3, 1, 2))
+        mse = ((x_hat.float() - x)[..., f:-f, f:-f] ** 2).mean()
+        loss = mse + commit
+        if cfg.rate_weight:  # on a quarter of the batch: the entropy model costs a decoder pass
+            r = max(1, x.shape[0] // 4)
+            pixels = r * x.shape[2] * x.shape[3]
+            loss = loss + cfg.rate_weight * soft_bits(new, y[:r], codes[:r]) / pixels
+        return loss, mse
+
+    @torch.no_grad()
+    def validate() -> dict:
+        bits, pixels = 0.0, 0
+        for img in val_images:
+            codes = new.encode_codes(pad_to_multiple(img[None].float().div(255.0).to(device)))
+            bits += float(new.mim_bits(codes).sum())
+            pixels += img.shape[1] * img.shape[2]
+        return {"val_psnr": validation_psnr(new, val_images)["psnr"], "val_bpp": bits / pixels}
+
+    new.eval()  # the quantizer and decoder stay in eval mode (no EMA updates, no dropout)
+    steps_done, used = _train_part(
+        new.encoder, "encoder", cfg, out, batch_loss, validate if val_images else None, log,
+        lambda: f"refine: encoder of model {model.model_id().hex()} on {len(images)} photos",
+        {},
+    )  # fmt: skip
+    for p in new.parameters():
+        p.requires_grad_(True)
+    new.training_info = {
+        **new.training_info,
+        "refine_encoder": {
+            **dataclasses.asdict(cfg),
+            "extra_blocks": list(cfg.extra_blocks),
+            "steps_done": steps_done,
+            f"{cfg.budget_clock}_s": round(used, 1),
+        },
+    }
+    return new.eval()
+
+
+def soft_bits(model: PQMIM, latent: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """A differentiable stand-in for the bits of ``latent``'s codes: 0-d float32, in bits.
+
+    ``latent`` (B, h, w, D) float (with gradient), ``codes`` (B, h, w, M) int64 its nearest
+    codes. The float entropy model gives, with ``codes`` as the context (no gradient), every
+    candidate sub-code's code length; each sub-vector is softly assigned to the codewords,
+    ``softmax(-||y_m - c_mk||^2 / t)`` with ``t`` the mean squared distance to the nearest
+    codeword of that sub-space in the batch, and the result is the sum of the expected code
+    lengths. Its gradient moves latents towards codewords that cost fewer bits.
+    """
+    from pqmim_kernels.models.mim import stage_grid
+
+    b, h, w, m = codes.shape
+    with torch.no_grad():
+        logits = model.entropy_model(codes, stage_grid(h, w, model.config.stages, codes.device))
+        length = -torch.log_softmax(logits.float(), -1) * (1.0 / math.log(2.0))
+        length = length.reshape(b, h, w, m, -1)  # (B, h, w, M, K) code lengths
+    cb = model.quantizer.codebooks.float()  # (M, K, d)
+    ys = latent.float().reshape(b, h, w, m, -1)
+    d2 = (
+        (ys * ys).sum(-1, keepdim=True)
+        - 2.0 * torch.einsum("bhwmd,mkd->bhwmk", ys, cb)
+        + (cb * cb).sum(-1)
+    ).clamp_min(0.0)
+    with torch.no_grad():
+        t = d2.amin(-1).mean((0, 1, 2)).clamp_min(1e-8)[:, None]  # (M, 1)
+    soft = torch.softmax(-d2 / t, -1)
+    return (soft * length).sum()
+
+
+def _train_part(
+    net: torch.nn.Module,
+    part: str,
+    cfg: RefineConfig,
+    out: str | Path,
+    batch_loss,
+    validate,
+    log,
+    started,
+    ckpt_extra: dict,
+) -> tuple[int, float]:
+    """Train ``net`` (the decoder or the encoder of a model) with Adam on the loss of
+    ``batch_loss(gen) -> (loss, mse)`` under ``cfg``'s schedule (the log's ``mse`` and ``psnr``
+    are the batches' MSE); returns ``(steps done, seconds on the budget clock)``.
+
+    ``validate()``: a dict of held-out figures (or None: no validation), logged at step 0, every
+    ``val_every`` steps and at the end. ``started()``: the line logged once the data is ready.
+    ``out``: ``checkpoint.pt`` (``net``, optimizer, step, seconds, ``ckpt_extra``; an existing
+    one is resumed when its ``ckpt_extra`` values match) and ``log.jsonl``. Ctrl-C saves the
+    checkpoint, then propagates.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
-    device = next(model.parameters()).device
-    new = refined_model(model, cfg.extra_blocks)
-    dec = new.decoder
-    opt = torch.optim.Adam(dec.parameters(), lr=cfg.lr)
+    device = next(net.parameters()).device
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=cfg.lr)
     clock = time.process_time if cfg.budget_clock == "cpu" else time.perf_counter
     key = f"{cfg.budget_clock}_s"  # the log's time field: cpu_s or wall_s
     step, used = 0, 0.0
     if ckpt_path.exists():
         ck = torch.load(str(ckpt_path), map_location=device, weights_only=True)
-        if tuple(ck["extra_blocks"]) != cfg.extra_blocks:
+        if part not in ck:
             raise ValueError(
-                f"refine_decoder: {ckpt_path} grew the decoder by {tuple(ck['extra_blocks'])}, "
-                f"not {cfg.extra_blocks}; use another --out or the same blocks"
+                f"refine: {ckpt_path} is not a checkpoint of a {part} refinement; use another "
+                "run folder"
             )
-        dec.load_state_dict(ck["decoder"])
+        for k, v in ckpt_extra.items():
+            if ck.get(k) != v:
+                raise ValueError(
+                    f"refine_decoder: {ckpt_path} grew the decoder by {tuple(ck.get(k) or ())}, "
+                    f"not {tuple(v)}; use another --out or the same blocks"
+                )
+        net.load_state_dict(ck[part])
         opt.load_state_dict(ck["opt"])
         step, used = int(ck["step"]), float(ck.get("used_s", ck.get("cpu_s", 0.0)))
         log(f"refine: resumed {ckpt_path} at step {step} ({used:.0f} {cfg.budget_clock} s)")
@@ -236,38 +447,25 @@ def refine_decoder(
     def save() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save(
-            {
-                "decoder": dec.state_dict(),
-                "opt": opt.state_dict(),
-                "step": step,
-                "used_s": used,
-                "extra_blocks": list(cfg.extra_blocks),
-            },
+            {part: net.state_dict(), "opt": opt.state_dict(), "step": step, "used_s": used,
+             **ckpt_extra},
             str(tmp),
-        )
+        )  # fmt: skip
         tmp.replace(ckpt_path)
 
-    t0 = time.process_time()
-    coded = code_images(model, train_images)
-    val = code_images(model, val_images) if val_images else []
-    sizes = [tuple(img.shape[1:]) for img in val_images]
-    log(
-        f"refine: coded {len(coded)} training and {len(val)} held-out photos in "
-        f"{time.process_time() - t0:.0f} CPU s"
-    )
-    if step == 0 and val:
-        record({"step": 0, key: 0.0, "val_psnr": _val_psnr(new, val, sizes)})
+    log(started())
+    if step == 0 and validate is not None:
+        record({"step": 0, key: 0.0, **validate()})
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(cfg.seed + step)
-    tokens = cfg.crop // DOWNSAMPLING + 2
-    dec.train()
+    net.train()
     acc, n_acc = 0.0, 0
     budget = int(60 * cfg.minutes) if cfg.minutes else cfg.steps
     bar = tqdm(
         total=budget,
         initial=min(budget, int(used) if cfg.minutes else step),
-        desc="refine decoder",
+        desc=f"refine {part}",
         unit=f"{cfg.budget_clock} s" if cfg.minutes else "step",
         disable=not cfg.progress,
     )
@@ -282,11 +480,7 @@ def refine_decoder(
             c0 = clock()
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _lr_factor(progress(), step, cfg.warmup)
-            y, x, mask = _windows(coded, tokens, cfg.batch_size, gen, new.dequantize, device)
-            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-                x_hat = dec(y)
-            err = ((x_hat.float() - x) ** 2) * mask
-            loss = err.sum() / (mask.sum() * 3).clamp_min(1)
+            loss, mse = batch_loss(gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -294,7 +488,7 @@ def refine_decoder(
             spent = clock() - c0
             used += spent
             bar.update(spent if cfg.minutes else 1)
-            acc, n_acc = acc + float(loss.detach()), n_acc + 1
+            acc, n_acc = acc + float(mse.detach()), n_acc + 1
             if step % cfg.log_every == 0:
                 mse = acc / n_acc
                 record(
@@ -307,14 +501,10 @@ def refine_decoder(
                     }
                 )
                 acc, n_acc = 0.0, 0
-            if val and step % cfg.val_every == 0:
-                record(
-                    {
-                        "step": step,
-                        key: round(used, 1),
-                        "val_psnr": _val_psnr(new, val, sizes),
-                    }
-                )
+            if validate is not None and step % cfg.val_every == 0:
+                net.eval()
+                record({"step": step, key: round(used, 1), **validate()})
+                net.train()
             if step % cfg.save_every == 0:
                 save()
     except KeyboardInterrupt:  # Ctrl-C: keep what was trained, then stop
@@ -324,23 +514,7 @@ def refine_decoder(
         raise
     bar.close()
     save()
-    if val:
-        record(
-            {
-                "step": step,
-                key: round(used, 1),
-                "event": "end",
-                "val_psnr": _val_psnr(new, val, sizes),
-            }
-        )
-    dec.eval()
-    new.training_info = {
-        **new.training_info,
-        "refine": {
-            **dataclasses.asdict(cfg),
-            "extra_blocks": list(cfg.extra_blocks),
-            "steps_done": step,
-            key: round(used, 1),
-        },
-    }
-    return new.eval()
+    net.eval()
+    if validate is not None:
+        record({"step": step, key: round(used, 1), "event": "end", **validate()})
+    return step, used
