@@ -29,6 +29,10 @@ def model():
 
 @pytest.fixture(scope="module")
 def sharp():
+    return _sharp()
+
+
+def _sharp():
     """The tiny model with a decoder that every code changes a lot: a random 1x1 conv to
     16 x 16 RGB pixels per token (the untrained tiny g_s is nearly constant, so no search could
     find better codes for it)."""
@@ -258,3 +262,21 @@ def test_eval_codec_passes_latent_steps():
     seen.clear()
     codec.encode(np.zeros((2, 2, 3), np.uint8), "m~0.001+30@4")
     assert seen == [{"stages": 4, "rate_lambda": 0.001, "latent_steps": 30}]
+
+
+def test_a_rate_term_finds_cheaper_codes(lr):
+    """With an entropy model that makes low codes cheap (the untrained one is near uniform),
+    the search with a rate term ends on codes that cost fewer bits under it."""
+    model, x = _sharp(), _image(48, 64, 6)
+    with torch.no_grad():
+        bias = model.entropy_model.out.bias
+        bias.copy_(torch.linspace(4.0, -4.0, bias.numel()))
+    plain = optimize_latent(model, x, 8)
+    cheap = optimize_latent(model, x, 8, rate_weight=3.0)
+    with torch.no_grad():
+        bits = [float(model.mim_bits(model.assign(lat)).sum()) for lat in (plain, cheap)]
+    assert bits[1] < bits[0] - 5
+    with pytest.raises(ValueError, match="rate_weight must be >= 0"):
+        optimize_latent(model, x, 2, rate_weight=-1.0)
+    with pytest.raises(ValueError, match="rate_weight must be >= 0"):
+        optimize_latent(model, x, 2, rate_weight=float("nan"))

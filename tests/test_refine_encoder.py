@@ -23,6 +23,7 @@ from pqmim_kernels.models import (
     presets,
     save_model,
 )
+from pqmim_kernels.models.latent_opt import soft_bits
 from pqmim_kernels.models.presets import Preset
 from pqmim_kernels.models.refine import (
     RefineConfig,
@@ -30,7 +31,6 @@ from pqmim_kernels.models.refine import (
     refine_encoder,
     refined_encoder_model,
     refined_model,
-    soft_bits,
 )
 from pqmim_kernels.models.train import validation_psnr
 

@@ -232,6 +232,10 @@ def summarize(out: Path, name: str) -> dict:
     }
 
 
+def _by_step(rows) -> list:
+    return sorted({e["step"]: e for e in rows}.values(), key=lambda e: e["step"])
+
+
 def cmd_plot(args) -> None:
     """Held-out PSNR (solid) and training-crop PSNR (faint) vs stage-1 CPU hours, one line per
     run folder, to ``--out``."""
@@ -240,14 +244,18 @@ def cmd_plot(args) -> None:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    if args.rate:
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
     colors = plt.get_cmap("tab10").colors
     for i, d in enumerate(args.dirs):
         log = [json.loads(x) for x in open(Path(d) / "log.jsonl")]
-        # stage 1 of pqmim train, or a pqmim refine-decoder run (its log has no stages)
+        # stage 1 of pqmim train, or a pqmim refine-decoder/-encoder run (no stages in its log)
         s1 = [e for e in log if e.get("stage", 1) == 1 and "cpu_s" in e]
-        tr = [e for e in s1 if "psnr" in e and e.get("pq", True)]
-        val = [e for e in s1 if "val_psnr" in e]
+        # a resumed run logs again from its checkpoint's step: the later row of a step wins
+        tr = _by_step(e for e in s1 if "psnr" in e and e.get("pq", True))
+        val = _by_step(e for e in s1 if "val_psnr" in e)
         c = colors[i % len(colors)]
         name = Path(d).name
         ax.plot([e["cpu_s"] / 3600 for e in tr], [e["psnr"] for e in tr], color=c, alpha=0.25)
@@ -259,11 +267,26 @@ def cmd_plot(args) -> None:
             markersize=3,
             label=f"{name} (held-out)",
         )
+        key = next((k for k in ("val_bpp", "val_bpp_float12") if val and k in val[0]), None)
+        if args.rate and key:
+            base = val[0][key]
+            bx.plot(
+                [e["cpu_s"] / 3600 for e in val if key in e],
+                [100 * (e[key] / base - 1) for e in val if key in e],
+                color=c, marker="o", markersize=3, label=name,
+            )  # fmt: skip
     ax.set_xlabel(args.xlabel)
     ax.set_ylabel("PSNR (dB)")
     ax.set_title(args.title)
     ax.grid(alpha=0.3)
     ax.legend()
+    if args.rate:
+        bx.axhline(0, color="k", lw=0.8)
+        bx.set_xlabel(args.xlabel)
+        bx.set_ylabel("held-out bits per pixel, change from step 0 (%)")
+        bx.set_title("rate of the same photos (float entropy model)")
+        bx.grid(alpha=0.3)
+        bx.legend()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
 
@@ -319,6 +342,10 @@ def main(argv=None) -> int:
         default="PQ-VAE, M=8 K=256: held-out photos (solid) and training crops (faint)",
     )
     q.add_argument("--xlabel", default="stage-1 CPU hours (1 thread)")
+    q.add_argument(
+        "--rate", action="store_true",
+        help="a second panel: held-out bpp (val_bpp of refine-encoder logs) vs step 0",
+    )  # fmt: skip
     q.set_defaults(func=cmd_plot)
     i = sub.add_parser("init")
     i.add_argument("name")

@@ -31,13 +31,24 @@ file) may differ between machines; decoding is exact everywhere, as for every fi
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pqmim_kernels import functional as F_pq
 from pqmim_kernels.models.pqvae import DOWNSAMPLING
 from pqmim_kernels.reference.pq import pq_lookup
 
-__all__ = ["LATENT_LR", "OPT_HALO", "OPT_TILE", "check_latent_steps", "optimize_latent"]
+__all__ = [
+    "LATENT_LR",
+    "OPT_HALO",
+    "OPT_TILE",
+    "check_latent_steps",
+    "code_lengths",
+    "expected_bits",
+    "optimize_latent",
+    "soft_bits",
+]
 
 # Adam's step size on the latent (latent norm ~1 per dimension; neighbouring codewords of the
 # bundled models are ~0.03 apart). Chosen on held-out photos (never Kodak) with ``high``:
@@ -60,6 +71,46 @@ def check_latent_steps(latent_steps) -> int:
             f"got {latent_steps!r}"
         )
     return latent_steps
+
+
+@torch.no_grad()
+def code_lengths(model, codes: torch.Tensor) -> torch.Tensor:
+    """Code length in bits of every candidate sub-code: (B, h, w, M, K) float32, under the float
+    entropy model of ``model`` with ``codes`` (B, h, w, M) int64 as the context (the coding
+    schedule; sub-codes conditioned on the earlier ones of ``codes``)."""
+    from pqmim_kernels.models.mim import stage_grid
+
+    b, h, w, m = codes.shape
+    logits = model.entropy_model(codes, stage_grid(h, w, model.config.stages, codes.device))
+    length = -torch.log_softmax(logits.float(), -1) * (1.0 / math.log(2.0))
+    return length.reshape(b, h, w, m, -1)
+
+
+def expected_bits(model, latent: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """Differentiable stand-in for the bits of ``latent`` (B, h, w, D) float: 0-d float32.
+
+    Each sub-vector is softly assigned to the codewords, ``softmax(-||y_m - c_mk||^2 / t)``
+    with ``t`` the mean squared distance to the nearest codeword of that sub-space, and the
+    result is the sum of the expected code lengths ``length`` (:func:`code_lengths`). Its
+    gradient moves latents towards codewords that cost fewer bits; at the codewords it is the
+    rate of their codes.
+    """
+    b, h, w, m, _ = length.shape
+    cb = model.quantizer.codebooks.detach().float()  # (M, K, d)
+    ys = latent.float().reshape(b, h, w, m, -1)
+    d2 = (
+        (ys * ys).sum(-1, keepdim=True)
+        - 2.0 * torch.einsum("bhwmd,mkd->bhwmk", ys, cb)
+        + (cb * cb).sum(-1)
+    ).clamp_min(0.0)
+    with torch.no_grad():
+        t = d2.amin(-1).mean((0, 1, 2)).clamp_min(1e-8)[:, None]  # (M, 1)
+    return (torch.softmax(-d2 / t, -1) * length).sum()
+
+
+def soft_bits(model, latent: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """:func:`expected_bits` of ``latent`` with ``codes`` (its nearest codes) as the context."""
+    return expected_bits(model, latent, code_lengths(model, codes))
 
 
 def _margin_mask(rows: int, cols: int, inner: tuple[bool, bool, bool, bool], device):
@@ -86,6 +137,7 @@ def optimize_latent(
     lr: float | None = None,
     latent: torch.Tensor | None = None,
     progress: bool = False,
+    rate_weight: float = 0.0,
 ) -> torch.Tensor:
     """The latent whose nearest codes ``model`` decodes closest to ``x`` (see the module).
 
@@ -94,6 +146,12 @@ def optimize_latent(
     steps per tile (0 returns the encoder's latent); ``lr``: their step size (default
     :data:`LATENT_LR`). ``latent``: the start, (1, h, w, D) float
     (default: ``model.encode_latent(x)``). ``progress``: a tqdm bar over the steps of all tiles.
+    ``rate_weight`` > 0 adds that times the window's :func:`expected_bits` per pixel to the loss,
+    with code lengths from the entropy model given the window's starting codes (computed once
+    per tile), so that the search also looks for cheaper codes. Measured on 6 held-out photos
+    with ``high``, 30 steps: 0.001 saved 2.7 / 1.8 / 1.1 % of the bits at ``rate_lambda`` 0 /
+    0.0005 / 0.002 for 0.001-0.008 dB, at 1.5x the time (0.002 did no better), so it is off by
+    default and has no CLI flag.
     Returns the latent (1, h, w, D) float32, ``h = ceil(H / 16)``, ``w = ceil(W / 16)``; no
     gradient, the model's parameters untouched.
     """
@@ -108,6 +166,9 @@ def optimize_latent(
     lr = LATENT_LR if lr is None else float(lr)
     if not lr > 0:
         raise ValueError(f"optimize_latent: lr must be > 0, got {lr}")
+    rate_weight = float(rate_weight)
+    if not (math.isfinite(rate_weight) and rate_weight >= 0):
+        raise ValueError(f"optimize_latent: rate_weight must be >= 0, got {rate_weight}")
     if latent is None:
         with torch.no_grad():
             latent = model.encode_latent(x)
@@ -143,7 +204,13 @@ def optimize_latent(
             weight[..., max(0, height - a0 * f) :, :] = 0  # the padding beyond the image
             weight[..., :, max(0, width - b0 * f) :] = 0
             weight = weight / (3.0 * weight.sum().clamp_min(1.0))  # the mean over RGB pixels
-            best = _search(model, embed, out[:, a0:a1, b0:b1], px, weight, steps, lr, bar)
+            start = out[:, a0:a1, b0:b1]
+            rate = None
+            if rate_weight:
+                codes = F_pq.pq_assign(start.reshape(1, -1, dim), embed, pinned=True)
+                length = code_lengths(model, codes.view(1, a1 - a0, b1 - b0, -1).long())
+                rate = (length, rate_weight / float(start.shape[1] * start.shape[2] * f * f))
+            best = _search(model, embed, start, px, weight, steps, lr, bar, rate)
             out[:, t0:t1, u0:u1] = best[:, t0 - a0 : t1 - a0, u0 - b0 : u1 - b0]
     finally:
         if bar is not None:
@@ -151,9 +218,11 @@ def optimize_latent(
     return out
 
 
-def _search(model, embed, start, px, weight, steps, lr, bar) -> torch.Tensor:
+def _search(model, embed, start, px, weight, steps, lr, bar, rate=None) -> torch.Tensor:
     """Adam on the window's latent ``start`` (1, th, tw, D); returns the latent of the step
-    whose nearest codes decoded with the smallest weighted squared error."""
+    whose nearest codes decoded with the smallest weighted squared error (plus, with ``rate`` =
+    ``(code lengths, weight per bit)``, their weighted code lengths; the gradient takes the
+    rate from :func:`expected_bits`)."""
     _, th, tw, dim = start.shape
     y = start.clone().requires_grad_(True)
     opt = torch.optim.Adam([y], lr=lr)
@@ -167,6 +236,11 @@ def _search(model, embed, start, px, weight, steps, lr, bar) -> torch.Tensor:
             img = model.decoder(q.view(1, th, tw, dim).permute(0, 3, 1, 2))
             loss = (((img.clamp(0.0, 1.0) - px) ** 2) * weight).sum()
             value = float(loss.detach())
+            if rate is not None:  # the gradient from the soft rate, the choice by the exact one
+                length, per_bit = rate
+                loss = loss + per_bit * expected_bits(model, y, length)
+                chosen = codes.view(length.shape[:-1]).long().unsqueeze(-1)
+                value += per_bit * float(torch.gather(length, -1, chosen).sum())
             if value < best_loss:
                 best_loss, best = value, y.detach().clone()
             if step == steps:

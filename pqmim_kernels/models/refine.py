@@ -47,7 +47,6 @@ __all__ = [
     "refine_encoder",
     "refined_encoder_model",
     "refined_model",
-    "soft_bits",
 ]
 
 
@@ -303,6 +302,7 @@ def refine_encoder(
             f"refine_encoder: the encoder is not grown; extra_blocks must be (0, 0, 0), got "
             f"{cfg.extra_blocks}"
         )
+    from pqmim_kernels.models.latent_opt import soft_bits
     from pqmim_kernels.models.train import _random_crops, validation_psnr
 
     device = next(model.parameters()).device
@@ -355,36 +355,6 @@ def refine_encoder(
         },
     }
     return new.eval()
-
-
-def soft_bits(model: PQMIM, latent: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """A differentiable stand-in for the bits of ``latent``'s codes: 0-d float32, in bits.
-
-    ``latent`` (B, h, w, D) float (with gradient), ``codes`` (B, h, w, M) int64 its nearest
-    codes. The float entropy model gives, with ``codes`` as the context (no gradient), every
-    candidate sub-code's code length; each sub-vector is softly assigned to the codewords,
-    ``softmax(-||y_m - c_mk||^2 / t)`` with ``t`` the mean squared distance to the nearest
-    codeword of that sub-space in the batch, and the result is the sum of the expected code
-    lengths. Its gradient moves latents towards codewords that cost fewer bits.
-    """
-    from pqmim_kernels.models.mim import stage_grid
-
-    b, h, w, m = codes.shape
-    with torch.no_grad():
-        logits = model.entropy_model(codes, stage_grid(h, w, model.config.stages, codes.device))
-        length = -torch.log_softmax(logits.float(), -1) * (1.0 / math.log(2.0))
-        length = length.reshape(b, h, w, m, -1)  # (B, h, w, M, K) code lengths
-    cb = model.quantizer.codebooks.float()  # (M, K, d)
-    ys = latent.float().reshape(b, h, w, m, -1)
-    d2 = (
-        (ys * ys).sum(-1, keepdim=True)
-        - 2.0 * torch.einsum("bhwmd,mkd->bhwmk", ys, cb)
-        + (cb * cb).sum(-1)
-    ).clamp_min(0.0)
-    with torch.no_grad():
-        t = d2.amin(-1).mean((0, 1, 2)).clamp_min(1e-8)[:, None]  # (M, 1)
-    soft = torch.softmax(-d2 / t, -1)
-    return (soft * length).sum()
 
 
 def _train_part(

@@ -4,6 +4,9 @@
     .venv/bin/python tests/golden/make_golden.py --model    # also re-create tiny_model.pt
     .venv/bin/python tests/golden/make_golden.py --new      # only cases golden.json lacks
                                                             # (a newly bundled preset)
+    .venv/bin/python tests/golden/make_golden.py --legacy high_sample,high-v1_sample
+        # a preset's model was replaced by one that reads its files (pqmim refine-encoder: the
+        # old id is an alias): keep those cases' files as legacy cases, rewrite only them
 
 Cases, each stored as ``<name>.pqm`` (the file), ``<name>.codes.npy`` (its codes, uint16
 (h, w, M)) and ``<name>.png`` (its decoded image), with sizes and md5s in ``golden.json``:
@@ -12,7 +15,10 @@ Cases, each stored as ``<name>.pqm`` (the file), ``<name>.codes.npy`` (its codes
 - ``tiny_{h}x{w}``: a tiny stored model (random weights, integer entropy model exported from
   them) on synthetic images;
 - ``<preset>_sample``: each bundled preset model (``default_sample``: the default) on the
-  bundled sample image.
+  bundled sample image;
+- legacy cases (``golden.json["legacy"]``, files ``<case>.<model id>.*``): files written by a
+  model that is gone but whose id a preset's model lists as an alias; they must decode with that
+  preset to their codes, and its entropy model must still code those codes to their payload.
 
 What is pinned, and why (docs/PQM_FORMAT.md, "Determinism"): codes <-> ``.pqm`` bytes are exact
 on every machine (the integer entropy model), so the tests require ``compress_codes(codes) ==
@@ -137,9 +143,39 @@ def compute(keep: dict | None = None) -> dict:
     return out
 
 
+def make_legacy(golden: dict, names: list[str]) -> dict:
+    """Keep the files of cases ``names`` as legacy cases (renamed ``<case>.<model id>.*``, their
+    entries moved to ``golden["legacy"]``) and drop them from ``golden["cases"]`` so that
+    :func:`compute` writes them anew. Each case's preset must read the old file's model id."""
+    from pqmim_kernels.models import presets
+
+    legacy = dict(golden.get("legacy", {}))
+    for name in names:
+        entry = golden["cases"].pop(name)
+        data = (HERE / f"{name}.pqm").read_bytes()
+        old_id = fmt.unpack(data)[0].model_id.hex()
+        preset = dict((n, m) for n, m, _ in cases())[name]
+        if presets.find(preset) is None or not load_model(preset).reads(bytes.fromhex(old_id)):
+            raise SystemExit(f"make_golden: {preset} does not read model {old_id} ({name})")
+        for ext in (".pqm", ".codes.npy", ".png"):
+            (HERE / f"{name}{ext}").rename(HERE / f"{name}.{old_id}{ext}")
+        legacy[f"{name}.{old_id}"] = {**entry, "preset": preset, "model_id": old_id}
+    golden["legacy"] = legacy
+    return golden
+
+
 if __name__ == "__main__":
     if "--model" in sys.argv or not TINY_MODEL.is_file():
         make_tiny_model()
-    result = compute(json.loads(GOLDEN.read_text()) if "--new" in sys.argv else None)
+    keep = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else None
+    legacy = (keep or {}).get("legacy", {})
+    if "--legacy" in sys.argv:
+        keep = make_legacy(keep, sys.argv[sys.argv.index("--legacy") + 1].split(","))
+        legacy = keep["legacy"]
+    elif "--new" not in sys.argv:
+        keep = None
+    result = compute(keep)
+    if legacy:
+        result["legacy"] = legacy
     GOLDEN.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     print(json.dumps(result, indent=1, sort_keys=True))
