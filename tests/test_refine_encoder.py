@@ -238,8 +238,8 @@ def test_soft_bits_is_the_rate_at_the_codewords_and_falls_along_its_gradient(tmp
     with torch.no_grad():
         codes = model.encode_codes(x)
         exact = model.dequantize(codes).permute(0, 2, 3, 1)  # every sub-vector on a codeword
-    got = soft_bits(model, exact, codes)
-    assert float(got.detach()) == pytest.approx(float(model.mim_bits(codes).sum()), rel=1e-4)
+        want = float(model.mim_bits(codes).sum())
+    assert float(soft_bits(model, exact, codes)) == pytest.approx(want, rel=1e-4)
     y = model.encode_latent(x).detach().requires_grad_(True)
     with torch.no_grad():
         codes = model.quantize(y)[1]

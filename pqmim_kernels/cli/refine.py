@@ -85,61 +85,50 @@ def register(subparsers) -> None:
     e.set_defaults(func=run_encoder)
 
 
-def run(args) -> int:
+def _refine(args, part: str):
+    """Run ``refine_decoder`` or ``refine_encoder`` (``part``) as the arguments say and write
+    ``--out``; returns ``(the model as stored, the source model, its variant name or None)``."""
     from pathlib import Path
 
     from pqmim_kernels.cli.codec import check_output
     from pqmim_kernels.models import load_model, save_model
-    from pqmim_kernels.models.refine import RefineConfig, refine_decoder
+    from pqmim_kernels.models.refine import RefineConfig, refine_decoder, refine_encoder
     from pqmim_kernels.models.train import load_images, split_holdout
 
     cfg = RefineConfig(
-        extra_blocks=args.extra_blocks,
+        extra_blocks=getattr(args, "extra_blocks", (0, 0, 0)),
         steps=args.steps,
         minutes=args.minutes,
         batch_size=args.batch_size,
         crop=args.crop,
         lr=args.lr,
+        rate_weight=getattr(args, "rate_weight", 0.0),
         progress=True,
     )
     check_output(args.out, [], args.force)
     model = load_model(args.model, device=args.device)
     train, held = split_holdout(load_images(args.data, args.max_images), 10)
-    refined = refine_decoder(model, train, held, cfg, args.run_dir, log=print)
-    variants = {args.keep_variant: model} if args.keep_variant else None
+    refine = refine_decoder if part == "decoder" else refine_encoder
+    refined = refine(model, train, held, cfg, args.run_dir, log=print)
+    keep = getattr(args, "keep_variant", None)
+    variants = {keep: model} if keep else None
     save_model(refined, Path(args.out), extra=refined.training_info, variants=variants)
-    written = load_model(Path(args.out))  # the id of what was stored (fp16), not of the fp32 copy
+    # the id of what was stored (fp16), not of the fp32 copy
+    return load_model(Path(args.out)), model, keep
+
+
+def run(args) -> int:
+    written, model, keep = _refine(args, "decoder")
     print(
         f"pqmim refine-decoder: wrote {args.out} (model id {written.model_id().hex()}"
-        + (f"; variant {args.keep_variant} = model id {model.model_id().hex()}" if variants else "")
+        + (f"; variant {keep} = model id {model.model_id().hex()}" if keep else "")
         + ")"
     )
     return 0
 
 
 def run_encoder(args) -> int:
-    from pathlib import Path
-
-    from pqmim_kernels.cli.codec import check_output
-    from pqmim_kernels.models import load_model, save_model
-    from pqmim_kernels.models.refine import RefineConfig, refine_encoder
-    from pqmim_kernels.models.train import load_images, split_holdout
-
-    cfg = RefineConfig(
-        steps=args.steps,
-        minutes=args.minutes,
-        batch_size=args.batch_size,
-        crop=args.crop,
-        lr=args.lr,
-        rate_weight=args.rate_weight,
-        progress=True,
-    )
-    check_output(args.out, [], args.force)
-    model = load_model(args.model, device=args.device)
-    train, held = split_holdout(load_images(args.data, args.max_images), 10)
-    refined = refine_encoder(model, train, held, cfg, args.run_dir, log=print)
-    save_model(refined, Path(args.out), extra=refined.training_info)
-    written = load_model(Path(args.out))  # the id of what was stored (fp16), not of the fp32 copy
+    written, _, _ = _refine(args, "encoder")
     print(
         f"pqmim refine-encoder: wrote {args.out} (model id {written.model_id().hex()}; also "
         f"reads {', '.join(a.hex() for a in written.aliases)})"

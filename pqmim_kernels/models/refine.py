@@ -240,15 +240,7 @@ def refine_decoder(
         new.decoder, "decoder", cfg, out, batch_loss, validate if val else None, log, started,
         {"extra_blocks": list(cfg.extra_blocks)},
     )  # fmt: skip
-    new.training_info = {
-        **new.training_info,
-        "refine": {
-            **dataclasses.asdict(cfg),
-            "extra_blocks": list(cfg.extra_blocks),
-            "steps_done": steps_done,
-            f"{cfg.budget_clock}_s": round(used, 1),
-        },
-    }
+    new.training_info = {**new.training_info, "refine": _run_info(cfg, steps_done, used)}
     return new.eval()
 
 
@@ -345,16 +337,18 @@ def refine_encoder(
     )  # fmt: skip
     for p in new.parameters():
         p.requires_grad_(True)
-    new.training_info = {
-        **new.training_info,
-        "refine_encoder": {
-            **dataclasses.asdict(cfg),
-            "extra_blocks": list(cfg.extra_blocks),
-            "steps_done": steps_done,
-            f"{cfg.budget_clock}_s": round(used, 1),
-        },
-    }
+    new.training_info = {**new.training_info, "refine_encoder": _run_info(cfg, steps_done, used)}
     return new.eval()
+
+
+def _run_info(cfg: RefineConfig, steps_done: int, used: float) -> dict:
+    """What a refined model's ``training_info`` records of its run."""
+    return {
+        **dataclasses.asdict(cfg),
+        "extra_blocks": list(cfg.extra_blocks),
+        "steps_done": steps_done,
+        f"{cfg.budget_clock}_s": round(used, 1),
+    }
 
 
 def _train_part(
