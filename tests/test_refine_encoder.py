@@ -261,3 +261,38 @@ def test_refine_encoder_with_a_rate_term(tmp_path):
     assert got.training_info["refine_encoder"]["rate_weight"] == 0.05
     with pytest.raises(ValueError, match="rate_weight must be >= 0"):
         RefineConfig(rate_weight=-1.0)
+
+
+def test_golden_legacy_cases_when_a_preset_gets_a_new_encoder(tmp_path, monkeypatch):
+    """``make_golden.py --legacy``: the old model's golden file is kept as a legacy case that the
+    new model decodes, and the case is written anew by the new model."""
+    from test_codec_golden import check_legacy, golden
+
+    old = _stored(tmp_path)
+    path = tmp_path / "tiny.pt"
+    save_model(old, path)
+    monkeypatch.setattr(presets, "PRESETS", (Preset("tiny", str(path), 1, "tiny", 0.5),))
+    monkeypatch.setattr(presets, "RETIRED", ())
+    monkeypatch.setattr(presets, "DEFAULT_PRESET", "tiny")
+    folder = tmp_path / "golden"
+    folder.mkdir()
+    monkeypatch.setattr(golden, "HERE", folder)
+    monkeypatch.setattr(golden, "SIZES", [])
+    first = golden.compute()
+    assert set(first["cases"]) == {"tiny_sample"}
+    md5 = first["cases"]["tiny_sample"]["md5"]
+    new = _new_encoder(load_model(path))
+    save_model(new, path)  # the preset's file now holds the refined encoder
+    keep = golden.make_legacy(first, ["tiny_sample"])
+    name = f"tiny_sample.{old.model_id().hex()}"
+    assert set(keep["legacy"]) == {name} and keep["legacy"][name]["preset"] == "tiny"
+    again = golden.compute(keep)
+    assert set(again["cases"]) == {"tiny_sample"}
+    assert again["cases"]["tiny_sample"]["md5"] != md5 and keep["legacy"][name]["md5"] == md5
+    check_legacy(folder, name, keep["legacy"][name])
+    data = (folder / "tiny_sample.pqm").read_bytes()  # the new case is the new model's file
+    assert model_for_file(data)[0].model_id() == load_model(path).model_id()
+    # a preset that does not read the old id cannot take over its files
+    save_model(_stored(tmp_path, seed=7), path)
+    with pytest.raises(SystemExit, match="does not read model"):
+        golden.make_legacy(json.loads(json.dumps(again)), ["tiny_sample"])
