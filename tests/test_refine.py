@@ -337,13 +337,11 @@ def test_grid_seams_tool(tmp_path, monkeypatch, capsys):
     assert "tiny" in capsys.readouterr().out
 
 
-def test_gpu_train_refine_runs_on_the_cpu(tmp_path):
-    """tools/gpu_train.py refine (the one-call GPU script), dry-run on the CPU from a tiny pack."""
+def _gpu_train_tool():
+    """tools/gpu_train.py as a module."""
     import importlib.util
     import sys
     from pathlib import Path
-
-    from PIL import Image
 
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root / "tools"))
@@ -353,6 +351,14 @@ def test_gpu_train_refine_runs_on_the_cpu(tmp_path):
         spec.loader.exec_module(tool)
     finally:
         sys.path.remove(str(root / "tools"))
+    return tool
+
+
+def test_gpu_train_refine_runs_on_the_cpu(tmp_path):
+    """tools/gpu_train.py refine (the one-call GPU script), dry-run on the CPU from a tiny pack."""
+    from PIL import Image
+
+    tool = _gpu_train_tool()
     photos = tmp_path / "photos"
     photos.mkdir()
     for i, img in enumerate(_images(10)):

@@ -296,3 +296,28 @@ def test_golden_legacy_cases_when_a_preset_gets_a_new_encoder(tmp_path, monkeypa
     save_model(_stored(tmp_path, seed=7), path)
     with pytest.raises(SystemExit, match="does not read model"):
         golden.make_legacy(json.loads(json.dumps(again)), ["tiny_sample"])
+
+
+def test_gpu_train_refine_encoder_runs_on_the_cpu(tmp_path):
+    """tools/gpu_train.py refine-encoder (the one-call GPU script), dry-run on the CPU."""
+    from PIL import Image
+    from test_refine import _gpu_train_tool
+
+    tool = _gpu_train_tool()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, img in enumerate(_images(10)):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(photos / f"{i:02d}.png")
+    pack = tmp_path / "pack.tar"
+    tool.pack(str(photos), str(pack))
+    src = tmp_path / "src.pt"
+    save_model(_stored(tmp_path), src)
+    out = tmp_path / "out"
+    tool.main(["refine-encoder", "--pack", str(pack), "--model", str(src), "--out", str(out),
+               "--device", "cpu", "--minutes", "0.02", "--crop", "32", "--batch", "2"])  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    got = load_model(out / "model.pt")
+    assert summary["model_id"] == got.model_id().hex() and summary["device"] == "cpu"
+    assert summary["reads"] == [load_model(src).model_id().hex()] and got.reads(got.aliases[0])
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["event"] == "end" and "wall_s" in rows[-1] and "val_bpp" in rows[-1]

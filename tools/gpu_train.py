@@ -2,7 +2,9 @@
 
 Two steps (stage 1 and 2 training; ``refine`` instead refines a model's decoder on its fixed
 codes, :mod:`pqmim_kernels.models.refine`, e.g. ``python tools/gpu_train.py refine --model
-medium --out $OUT/refine --minutes 6``):
+medium --out $OUT/refine --minutes 6``, and ``refine-encoder`` its encoder for the frozen
+decoder, e.g. ``python tools/gpu_train.py refine-encoder --model high --out $OUT/enc
+--minutes 6``):
 
 1. Here, once: pack the training photos into one file small enough to travel with the working
    tree (at most ~50 MiB; ``carry/`` is git-ignored)::
@@ -180,38 +182,46 @@ def cmd_train(args) -> None:
 
 
 def cmd_refine(args) -> None:
-    """Decoder refinement (``pqmim refine-decoder``) of a preset or model file on one GPU, from
-    a pack: ``--out`` gets ``model.pt`` (fp16; with ``--keep-variant`` the source model too),
-    ``log.jsonl`` and ``summary.json`` (``checkpoint.pt`` holds the optimizer state too and is
-    larger than what comes back from the machine)."""
+    """Decoder refinement (``refine``: ``pqmim refine-decoder``) or encoder refinement
+    (``refine-encoder``: ``pqmim refine-encoder``) of a preset or model file on one GPU, from a
+    pack: ``--out`` gets ``model.pt`` (fp16; with ``--keep-variant`` the source model too; a
+    refined encoder lists the source model's id as an alias), ``log.jsonl`` and
+    ``summary.json`` (``checkpoint.pt`` holds the optimizer state too and is larger than what
+    comes back from the machine)."""
     import torch
 
     from pqmim_kernels.models import load_model, save_model
-    from pqmim_kernels.models.refine import RefineConfig, refine_decoder
+    from pqmim_kernels.models.refine import RefineConfig, refine_decoder, refine_encoder
     from pqmim_kernels.models.train import split_holdout
 
     t_start = time.time()
     device, out = _device_and_out(args)
     model = load_model(args.model, device=str(device))
     train, held = split_holdout(unpack(args.pack, device), 10)
+    encoder = args.cmd == "refine-encoder"
     cfg = RefineConfig(
-        extra_blocks=args.extra_blocks,
+        extra_blocks=(0, 0, 0) if encoder else args.extra_blocks,
         steps=10**9,
         minutes=args.minutes,
         budget_clock="wall",
         batch_size=args.batch,
         crop=args.crop,
         lr=args.lr,
+        rate_weight=args.rate_weight if encoder else 0.0,
         val_every=args.val_every,
         save_every=args.ckpt_every,
     )
-    refined = refine_decoder(model, train, held, cfg, out, log=lambda s: print(s, flush=True))
-    variants = {args.keep_variant: model.cpu()} if args.keep_variant else None
+    refine = refine_encoder if encoder else refine_decoder
+    refined = refine(model, train, held, cfg, out, log=lambda s: print(s, flush=True))
+    keep = getattr(args, "keep_variant", None)
+    variants = {keep: model.cpu()} if keep else None
     save_model(refined.cpu(), out / "model.pt", extra=refined.training_info, variants=variants)
+    stored = load_model(out / "model.pt")
     summary = {
         "model": args.model,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "model_id": load_model(out / "model.pt").model_id().hex(),
+        "model_id": stored.model_id().hex(),
+        "reads": [a.hex() for a in stored.aliases],
         "total_s": round(time.time() - t_start, 1),
         "torch": torch.__version__,
     }
@@ -266,6 +276,21 @@ def main(argv=None) -> int:
     r.add_argument("--ckpt-every", type=int, default=1000)
     r.add_argument("--keep-variant", default=None, help="store the source model as this variant")
     r.set_defaults(func=cmd_refine)
+    e = sub.add_parser(
+        "refine-encoder", help="fine-tune a model's encoder for its frozen decoder (on a GPU)"
+    )
+    e.add_argument("--pack", default=str(ROOT / "carry" / "train_pack.tar"))
+    e.add_argument("--model", default="high", help="a preset name or a model file")
+    e.add_argument("--out", required=True)
+    e.add_argument("--device", default="cuda")
+    e.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget")
+    e.add_argument("--batch", type=int, default=32)
+    e.add_argument("--crop", type=int, default=256)
+    e.add_argument("--lr", type=float, default=1e-4)
+    e.add_argument("--rate-weight", type=float, default=0.004)
+    e.add_argument("--val-every", type=int, default=1000)
+    e.add_argument("--ckpt-every", type=int, default=1000)
+    e.set_defaults(func=cmd_refine)
     args = p.parse_args(argv)
     args.func(args)
     return 0
