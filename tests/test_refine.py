@@ -354,17 +354,23 @@ def _gpu_train_tool():
     return tool
 
 
-def test_gpu_train_refine_runs_on_the_cpu(tmp_path):
-    """tools/gpu_train.py refine (the one-call GPU script), dry-run on the CPU from a tiny pack."""
+def _tiny_pack(tool, tmp_path):
+    """A pack (``tools/gpu_train.py pack``) of 10 small photos; its path."""
     from PIL import Image
 
-    tool = _gpu_train_tool()
     photos = tmp_path / "photos"
     photos.mkdir()
     for i, img in enumerate(_images(10)):
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(photos / f"{i:02d}.png")
     pack = tmp_path / "pack.tar"
     tool.pack(str(photos), str(pack))
+    return pack
+
+
+def test_gpu_train_refine_runs_on_the_cpu(tmp_path):
+    """tools/gpu_train.py refine (the one-call GPU script), dry-run on the CPU from a tiny pack."""
+    tool = _gpu_train_tool()
+    pack = _tiny_pack(tool, tmp_path)
     src = tmp_path / "src.pt"
     save_model(_model(), src)
     out = tmp_path / "out"

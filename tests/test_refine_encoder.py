@@ -300,16 +300,10 @@ def test_golden_legacy_cases_when_a_preset_gets_a_new_encoder(tmp_path, monkeypa
 
 def test_gpu_train_refine_encoder_runs_on_the_cpu(tmp_path):
     """tools/gpu_train.py refine-encoder (the one-call GPU script), dry-run on the CPU."""
-    from PIL import Image
-    from test_refine import _gpu_train_tool
+    from test_refine import _gpu_train_tool, _tiny_pack
 
     tool = _gpu_train_tool()
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i, img in enumerate(_images(10)):
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(photos / f"{i:02d}.png")
-    pack = tmp_path / "pack.tar"
-    tool.pack(str(photos), str(pack))
+    pack = _tiny_pack(tool, tmp_path)
     src = tmp_path / "src.pt"
     save_model(_stored(tmp_path), src)
     out = tmp_path / "out"
