@@ -117,6 +117,10 @@ def test_bundled_registry_is_consistent():
         assert old.model_id() != new.model_id() and presets.get(f"{name}-v1").variant
         assert new.config.decoder_extra_blocks == (2, 2, 1)
         assert old.config.decoder_extra_blocks == (0, 0, 0)
+    # a file's model id names one bundled model: no id or alias is claimed by two of them
+    claimed = [i for p in presets.every() for i in (load_model(p.name).model_id(),
+                                                     *load_model(p.name).aliases)]  # fmt: skip
+    assert len(claimed) == len(set(claimed)), [i.hex() for i in claimed]
 
 
 @pytest.mark.parametrize(
