@@ -76,6 +76,20 @@ def test_a_model_with_a_new_encoder_reads_the_old_files(tmp_path):
         decompress_image(compress_image(_img(), other), new)
 
 
+def test_a_refined_encoder_keeps_the_perceptual_decoder(tmp_path):
+    from pqmim_kernels.models.pqvae import Decoder
+
+    old = _stored(tmp_path)
+    old.perceptual_decoder = Decoder.from_config(old.config).eval()
+    new = refined_encoder_model(old)
+    assert new.perceptual_decoder is not old.perceptual_decoder
+    a, b = old.perceptual_decoder.state_dict(), new.perceptual_decoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    data = compress_image(_img(4), old)
+    got = decompress_image(data, new, decoder="perceptual")
+    assert np.array_equal(got, decompress_image(data, old, decoder="perceptual"))
+
+
 def test_aliases_are_stored_and_chain(tmp_path):
     old = _stored(tmp_path)
     mid = _new_encoder(old)

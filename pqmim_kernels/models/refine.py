@@ -26,6 +26,7 @@ files written with the source model still need the source model (retire it, do n
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -246,12 +247,15 @@ def refine_decoder(
 
 def refined_encoder_model(model: PQMIM) -> PQMIM:
     """A copy of ``model`` (eval mode, on its device) that reads ``model``'s files: the same
-    weights and integer entropy model, with ``model``'s id among its :attr:`~PQMIM.aliases`."""
+    weights, integer entropy model and perceptual decoder (if any), with ``model``'s id among
+    its :attr:`~PQMIM.aliases`."""
     new = PQMIM(model.config)
     new.load_state_dict(model.state_dict())
     int_state = model.int_state()
     if int_state is not None:
         new.set_int_entropy_model(*int_state)
+    if model.perceptual_decoder is not None:  # the same codes: it decodes the new files too
+        new.perceptual_decoder = copy.deepcopy(model.perceptual_decoder)
     new.training_info = dict(getattr(model, "training_info", {}) or {})
     new.add_alias(model)
     return new.to(next(model.parameters()).device).eval()
