@@ -220,7 +220,7 @@ def refine_decoder(
     sizes = [tuple(img.shape[1:]) for img in val_images]
     tokens = cfg.crop // DOWNSAMPLING + 2
 
-    def batch_loss(gen: torch.Generator) -> torch.Tensor:
+    def batch_loss(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         y, x, mask = _windows(coded, tokens, cfg.batch_size, gen, new.dequantize, device)
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             x_hat = new.decoder(y)
@@ -310,7 +310,7 @@ def refine_encoder(
     images = [img.to(device) for img in train_images]
     f = DOWNSAMPLING
 
-    def batch_loss(gen: torch.Generator) -> torch.Tensor:
+    def batch_loss(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x = _random_crops(images, cfg.crop + 2 * f, cfg.batch_size, gen)
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             y = new.encoder(x).float().permute(0, 2, 3, 1)
