@@ -237,9 +237,16 @@ def refine_decoder(
             f"{time.process_time() - t0:.0f} CPU s"
         )
 
+    def resumable(ck: dict, path: Path) -> None:
+        if tuple(ck.get("extra_blocks") or ()) != cfg.extra_blocks:
+            raise ValueError(
+                f"refine_decoder: {path} grew the decoder by {tuple(ck.get('extra_blocks') or ())}"
+                f", not {cfg.extra_blocks}; use another --out or the same blocks"
+            )
+
     steps_done, used = _train_part(
         new.decoder, "decoder", cfg, out, batch_loss, validate if val else None, log, started,
-        {"extra_blocks": list(cfg.extra_blocks)},
+        {"extra_blocks": list(cfg.extra_blocks)}, resumable,
     )  # fmt: skip
     new.training_info = {**new.training_info, "refine": _run_info(cfg, steps_done, used)}
     return new.eval()
@@ -249,16 +256,11 @@ def refined_encoder_model(model: PQMIM) -> PQMIM:
     """A copy of ``model`` (eval mode, on its device) that reads ``model``'s files: the same
     weights, integer entropy model and perceptual decoder (if any), with ``model``'s id among
     its :attr:`~PQMIM.aliases`."""
-    new = PQMIM(model.config)
-    new.load_state_dict(model.state_dict())
-    int_state = model.int_state()
-    if int_state is not None:
-        new.set_int_entropy_model(*int_state)
+    new = refined_model(model, (0, 0, 0))  # no blocks grown: the same decoder, copied
     if model.perceptual_decoder is not None:  # the same codes: it decodes the new files too
-        new.perceptual_decoder = copy.deepcopy(model.perceptual_decoder)
-    new.training_info = dict(getattr(model, "training_info", {}) or {})
+        new.perceptual_decoder = copy.deepcopy(model.perceptual_decoder).to(new._device())
     new.add_alias(model)
-    return new.to(next(model.parameters()).device).eval()
+    return new
 
 
 def refine_encoder(
@@ -299,7 +301,7 @@ def refine_encoder(
             f"{cfg.extra_blocks}"
         )
     from pqmim_kernels.models.latent_opt import soft_bits
-    from pqmim_kernels.models.train import _random_crops, validation_psnr
+    from pqmim_kernels.models.train import _random_crops
 
     device = next(model.parameters()).device
     new = refined_encoder_model(model)
@@ -324,14 +326,14 @@ def refine_encoder(
             loss = loss + cfg.rate_weight * soft_bits(new, y[:r], codes[:r]) / pixels
         return loss, mse
 
+    sizes = [tuple(img.shape[1:]) for img in val_images]
+
     @torch.no_grad()
     def validate() -> dict:
-        bits, pixels = 0.0, 0
-        for img in val_images:
-            codes = new.encode_codes(pad_to_multiple(img[None].float().div(255.0).to(device)))
-            bits += float(new.mim_bits(codes).sum())
-            pixels += img.shape[1] * img.shape[2]
-        return {"val_psnr": validation_psnr(new, val_images)["psnr"], "val_bpp": bits / pixels}
+        coded = code_images(new, val_images)  # the new encoder's codes, once per validation
+        bits = sum(float(new.mim_bits(c[None].to(device)).sum()) for c, _ in coded)
+        pixels = sum(h * w for h, w in sizes)
+        return {"val_psnr": _val_psnr(new, coded, sizes), "val_bpp": bits / pixels}
 
     new.eval()  # the quantizer and decoder stay in eval mode (no EMA updates, no dropout)
     steps_done, used = _train_part(
@@ -365,6 +367,7 @@ def _train_part(
     log,
     started,
     ckpt_extra: dict,
+    resumable=None,
 ) -> tuple[int, float]:
     """Train ``net`` (the decoder or the encoder of a model) with Adam on the loss of
     ``batch_loss(gen) -> (loss, mse)`` under ``cfg``'s schedule (the log's ``mse`` and ``psnr``
@@ -372,9 +375,9 @@ def _train_part(
 
     ``validate()``: a dict of held-out figures (or None: no validation), logged at step 0, every
     ``val_every`` steps and at the end. ``started()``: the line logged once the data is ready.
-    ``out``: ``checkpoint.pt`` (``net``, optimizer, step, seconds, ``ckpt_extra``; an existing
-    one is resumed when its ``ckpt_extra`` values match) and ``log.jsonl``. Ctrl-C saves the
-    checkpoint, then propagates.
+    ``out``: ``checkpoint.pt`` (``net``, optimizer, step, seconds and ``ckpt_extra``; an
+    existing one of the same ``part`` is resumed once ``resumable(checkpoint, path)``, if given,
+    has not raised) and ``log.jsonl``. Ctrl-C saves the checkpoint, then propagates.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -391,12 +394,8 @@ def _train_part(
                 f"refine: {ckpt_path} is not a checkpoint of a {part} refinement; use another "
                 "run folder"
             )
-        for k, v in ckpt_extra.items():
-            if ck.get(k) != v:
-                raise ValueError(
-                    f"refine_decoder: {ckpt_path} grew the decoder by {tuple(ck.get(k) or ())}, "
-                    f"not {tuple(v)}; use another --out or the same blocks"
-                )
+        if resumable is not None:
+            resumable(ck, ckpt_path)
         net.load_state_dict(ck[part])
         opt.load_state_dict(ck["opt"])
         step, used = int(ck["step"]), float(ck.get("used_s", ck.get("cpu_s", 0.0)))
