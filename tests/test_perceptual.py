@@ -11,7 +11,7 @@ from _tiny import TINY, make_coding_ready
 from PIL import Image
 
 from pqmim_kernels.cli.main import main
-from pqmim_kernels.models import PQMIM, decompress_image, load_model, save_model
+from pqmim_kernels.models import PQMIM, compress_image, decompress_image, load_model, save_model
 from pqmim_kernels.models.perceptual import (
     PatchDiscriminator,
     PerceptualConfig,
@@ -245,3 +245,187 @@ def test_tiny_files_tool(perceptual_file, tmp_path):
     sheet = Image.open(tmp_path / "out" / "contact_sheet.jpg")
     assert sheet.size == (5 * 64, 2 * 48)
     assert Image.open(tmp_path / "out" / "contact_sheet_excerpt.jpg").size == (5 * 64, 48)
+
+
+# ------------------------------------------- perceptual decoders of another size, and variants
+def _grown_with_variant(tmp_path):
+    """(file, old, new): ``new`` = ``old`` with a decoder grown by (1, 0, 0) blocks and trained
+    (fp16 values), stored with ``old`` as variant "v1"; both as the file stores them."""
+    from pqmim_kernels.models.refine import refined_model
+
+    save_model(make_coding_ready(PQMIM(CFG).eval()), tmp_path / "old.pt")
+    old = load_model(tmp_path / "old.pt")
+    new = refined_model(old, (1, 0, 0))
+    with torch.no_grad():
+        for p in new.decoder.parameters():
+            p.copy_((p + 0.01 * torch.randn_like(p)).half().float())
+    path = tmp_path / "grown.pt"
+    save_model(new, path, variants={"v1": old})
+    return path, load_model(path, variant="v1"), load_model(path)
+
+
+def _noisy_copy(decoder, seed=5):
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(decoder)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.copy_((p + 0.05 * torch.randn(p.shape, generator=g)).half().float())
+    return out.eval()
+
+
+def test_a_perceptual_decoder_of_another_size_is_stored_with_its_size(tmp_path):
+    path, old, new = _grown_with_variant(tmp_path)
+    new.perceptual_decoder = _noisy_copy(old.decoder)  # the smaller decoder's architecture
+    assert new.perceptual_decoder.extra_blocks == (0, 0, 0) != new.config.decoder_extra_blocks
+    data = new.compress(torch.rand(1, 3, 48, 64))
+    want = new.decompress(data, decoder="perceptual")
+    save_model(new, tmp_path / "p.pt")
+    back = load_model(tmp_path / "p.pt")
+    assert back.perceptual_decoder.extra_blocks == (0, 0, 0)
+    assert back.model_id() == new.model_id()
+    assert torch.equal(back.decompress(data, decoder="perceptual"), want)
+    blob = torch.load(tmp_path / "p.pt", weights_only=True)
+    assert blob["perceptual_decoder_blocks"] == [0, 0, 0]
+    blob["perceptual_decoder_blocks"] = [2, 0, 0]  # damaged: not the size of its weights
+    torch.save(blob, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"perceptual decoder in .*bad.pt does not load.*damaged"):
+        load_model(tmp_path / "bad.pt")
+    blob["perceptual_decoder_blocks"] = "x"
+    torch.save(blob, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="does not load"):
+        load_model(tmp_path / "bad.pt")
+
+
+def test_files_without_the_perceptual_size_load_at_the_decoders_size(tmp_path):
+    """Model files written before the size was stored (the bundled default's): the perceptual
+    decoder has the MSE decoder's size."""
+    _, _, new = _grown_with_variant(tmp_path)
+    new.perceptual_decoder = _noisy_copy(new.decoder)
+    save_model(new, tmp_path / "p.pt")
+    blob = torch.load(tmp_path / "p.pt", weights_only=True)
+    del blob["perceptual_decoder_blocks"]
+    torch.save(blob, tmp_path / "old_style.pt")
+    back = load_model(tmp_path / "old_style.pt")
+    assert back.perceptual_decoder.extra_blocks == (1, 0, 0)
+    x = torch.rand(1, 3, 32, 48)
+    data = new.compress(x)
+    assert torch.equal(
+        back.decompress(data, decoder="perceptual"), new.decompress(data, decoder="perceptual")
+    )
+
+
+def test_variants_decode_with_the_files_perceptual_decoder(tmp_path):
+    path, old, new = _grown_with_variant(tmp_path)
+    img = (torch.rand(40, 56, 3) * 255).round().to(torch.uint8).numpy()
+    data = compress_image(img, old)  # written by the retired model
+    new.perceptual_decoder = _noisy_copy(old.decoder)
+    save_model(new, path, variants={"v1": old})
+    v1 = load_model(path, variant="v1")
+    assert v1.model_id() == old.model_id() and v1.perceptual_decoder is not None
+    got = decompress_image(data, v1, decoder="perceptual")
+    same_codes = compress_image(img, load_model(path))  # the refined model's file of it
+    assert np.array_equal(got, decompress_image(same_codes, load_model(path), decoder="perceptual"))
+    assert not np.array_equal(got, decompress_image(data, v1))
+    save_model(load_model(path), tmp_path / "again.pt", variants={"v1": v1})  # the file's own
+    other = load_model(path, variant="v1")
+    other.perceptual_decoder = _noisy_copy(old.decoder, seed=6)
+    with pytest.raises(ValueError, match="variant 'v1' has another perceptual decoder"):
+        save_model(load_model(path), tmp_path / "x.pt", variants={"v1": other})
+
+
+def _photo_folder(tmp_path, n=2):
+    data_dir = tmp_path / "photos"
+    data_dir.mkdir()
+    for i, p in enumerate(_photos(n, seed=1)):
+        Image.fromarray(p.permute(1, 2, 0).numpy()).save(data_dir / f"{i}.png")
+    return data_dir
+
+
+def test_finetune_perceptual_keeps_the_variants_and_starts_from_one(tmp_path, capsys):
+    from pqmim_kernels.models import load_variants
+
+    path, old, new = _grown_with_variant(tmp_path)
+    data_dir = _photo_folder(tmp_path)
+    out = tmp_path / "perc.pt"
+    args = ["finetune-perceptual", "--model", str(path), "--data", str(data_dir), "--out",
+            str(out), "--steps", "2", "--batch-size", "1", "--crop", "32"]  # fmt: skip
+    assert main([*args, "--from-variant", "v1", "--blend", "0"]) == 0
+    m = load_model(out)
+    assert m.model_id() == new.model_id() and m.perceptual_decoder.extra_blocks == (0, 0, 0)
+    assert list(load_variants(out)) == ["v1"]
+    v1 = load_model(out, variant="v1")
+    assert v1.model_id() == old.model_id()
+    codes = new.encode_codes(torch.rand(1, 3, 48, 64))
+    # --blend 0: the perceptual decoder is the variant's decoder, the one it started from
+    assert torch.equal(m.decode_codes(codes, decoder="perceptual"), v1.decode_codes(codes))
+    assert not torch.equal(m.decode_codes(codes), v1.decode_codes(codes))
+    assert "perceptual_decoder_q" not in torch.load(out, weights_only=True)
+    assert main([*args, "-f", "--int8"]) == 0  # from the model's own (grown) decoder
+    assert load_model(out).perceptual_decoder.extra_blocks == (1, 0, 0)
+    assert "perceptual_decoder_q" in torch.load(out, weights_only=True)
+    assert list(load_variants(out)) == ["v1"]
+    capsys.readouterr()
+    assert main([*args, "-f", "--from-variant", "v9"]) == 1
+    assert "--from-variant v9: the model file holds no such variant (it holds: v1)" in (
+        capsys.readouterr().err
+    )
+
+
+def test_load_variants(tmp_path):
+    from pqmim_kernels.models import load_variants
+
+    path, old, _ = _grown_with_variant(tmp_path)
+    got = load_variants(path)
+    assert list(got) == ["v1"] and got["v1"].model_id() == old.model_id()
+    assert load_variants(tmp_path / "old.pt") == {}
+    with pytest.raises(FileNotFoundError, match="load_variants: no model file at"):
+        load_variants(tmp_path / "nope.pt")
+
+
+def test_a_perceptual_decoder_stored_as_int8_rows(tmp_path):
+    """Half the bytes of float16, decodes within the rounding of 8-bit weights, and saved again
+    as it was loaded (the refinement commands re-save models they did not tune)."""
+    from pqmim_kernels.models.refine import refined_model
+
+    _, old, new = _grown_with_variant(tmp_path)
+    new.perceptual_decoder = _noisy_copy(old.decoder)
+    save_model(new, tmp_path / "f16.pt")
+    save_model(new, tmp_path / "q8.pt", perceptual_int8=True)
+    blob = torch.load(tmp_path / "q8.pt", weights_only=True)
+    assert "perceptual_decoder" not in blob  # a release without int8 rows sees no such decoder
+    q = blob["perceptual_decoder_q"]
+    w = next(k for k, v in q["tensors"].items() if v.ndim == 4)
+    assert q["tensors"][w].dtype == torch.int8 and q["scales"][w].shape == (
+        q["tensors"][w].shape[0],
+    )
+    size = lambda d: sum(v.numel() * v.element_size() for v in d.values())  # noqa: E731
+    f16 = torch.load(tmp_path / "f16.pt", weights_only=True)["perceptual_decoder"]
+    assert size(q["tensors"]) + size(q["scales"]) < 0.6 * size(f16)
+    back = load_model(tmp_path / "q8.pt")
+    assert back.model_id() == new.model_id()
+    x = torch.rand(1, 3, 48, 64)
+    codes = new.encode_codes(x)
+    want = new.decode_codes(codes, decoder="perceptual")
+    got = back.decode_codes(codes, decoder="perceptual")
+    err = float((got - want).abs().max())
+    assert 0 < err < 0.02
+    for p, r in zip(
+        back.perceptual_decoder.state_dict().values(), new.perceptual_decoder.state_dict().values()
+    ):
+        if p.ndim >= 2:  # each weight within half a step of its row's scale
+            s = r.abs().amax(dim=tuple(range(1, r.ndim)), keepdim=True) / 127
+            assert bool(((p - r).abs() <= s / 2 + 1e-7).all())
+    save_model(back, tmp_path / "again.pt")  # kept as int8, and the same int8 values
+    again = torch.load(tmp_path / "again.pt", weights_only=True)["perceptual_decoder_q"]
+    assert all(torch.equal(again["tensors"][k], q["tensors"][k]) for k in q["tensors"])
+    grown = refined_model(back, (0, 1, 0))  # a decoder refinement keeps it, and how it is stored
+    save_model(grown, tmp_path / "grown.pt")
+    assert "perceptual_decoder_q" in torch.load(tmp_path / "grown.pt", weights_only=True)
+    save_model(back, tmp_path / "f16b.pt", perceptual_int8=False)
+    assert "perceptual_decoder" in torch.load(tmp_path / "f16b.pt", weights_only=True)
+    del blob["perceptual_decoder_q"]["scales"]
+    torch.save(blob, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="perceptual decoder in .*bad.pt does not load"):
+        load_model(tmp_path / "bad.pt")

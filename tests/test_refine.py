@@ -295,6 +295,36 @@ def test_cli_refine_decoder(tmp_path, capsys):
     assert "must be 3 comma-separated ints >= 0" in capsys.readouterr().err
 
 
+def test_cli_refine_decoder_carries_the_source_files_variants(tmp_path, capsys):
+    """Refining a model whose file holds variants (a bundled preset's, refined again) keeps
+    them: every file they wrote still decodes from the new file."""
+    from PIL import Image
+
+    from pqmim_kernels.models import load_variants
+
+    old, new = _refined_pair(tmp_path)
+    src = tmp_path / "src.pt"
+    save_model(new, src, variants={"v1": old})
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i, img in enumerate(_images(10)):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(data / f"{i:02d}.png")
+    out = tmp_path / "again.pt"
+    args = ["refine-decoder", "--model", str(src), "--data", str(data), "--out", str(out),
+            "--run-dir", str(tmp_path / "run"), "--steps", "2", "--crop", "32",
+            "--batch-size", "2", "--extra-blocks", "0,1,0"]  # fmt: skip
+    assert main([*args, "--keep-variant", "v2"]) == 0
+    held = load_variants(out)
+    assert sorted(held) == ["v1", "v2"]
+    assert held["v1"].model_id() == old.model_id() and held["v2"].model_id() == new.model_id()
+    assert load_model(out).config.decoder_extra_blocks == (1, 1, 0)
+    capsys.readouterr()
+    assert main([*args, "-f", "--keep-variant", "v1"]) == 1
+    assert "--keep-variant v1: the source file already holds a variant v1" in (
+        capsys.readouterr().err
+    )
+
+
 def test_a_variant_whose_shared_weights_are_not_stored_exactly_is_refused(tmp_path):
     old = _model()  # fp32 weights: halved on saving, so the variant's id could not be reproduced
     new = refined_model(old, (1, 0, 0))

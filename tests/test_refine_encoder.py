@@ -246,6 +246,34 @@ def test_cli_refine_encoder(tmp_path, capsys):
     assert "rate_weight must be >= 0" in capsys.readouterr().err
 
 
+def test_cli_refine_encoder_carries_the_source_files_variants(tmp_path):
+    """A variant of the source file gets the new encoder and lists its old id: the files it
+    wrote still decode from the new file, with that variant."""
+    from PIL import Image
+
+    from pqmim_kernels.models import load_variants
+
+    old = _stored(tmp_path)
+    grown = refined_model(old, (1, 0, 0))
+    src = tmp_path / "src.pt"
+    save_model(grown, src, variants={"v1": old})
+    grown = load_model(src)
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i, img in enumerate(_images(10)):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(data / f"{i:02d}.png")
+    out = tmp_path / "refined.pt"
+    assert main(["refine-encoder", "--model", str(src), "--data", str(data), "--out", str(out),
+                 "--run-dir", str(tmp_path / "run"), "--steps", "2", "--crop", "32",
+                 "--batch-size", "2"]) == 0  # fmt: skip
+    new, v1 = load_model(out), load_variants(out)["v1"]
+    assert new.reads(grown.model_id()) and v1.reads(old.model_id())
+    assert v1.model_id() != old.model_id()  # the new encoder
+    assert torch.equal(v1.encoder.net[0].weight, new.encoder.net[0].weight)
+    file = compress_image(_img(), old)
+    assert np.array_equal(decompress_image(file, v1), decompress_image(file, old))
+
+
 def test_soft_bits_is_the_rate_at_the_codewords_and_falls_along_its_gradient(tmp_path):
     model = _stored(tmp_path)
     x = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(4))

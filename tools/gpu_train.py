@@ -190,6 +190,7 @@ def cmd_refine(args) -> None:
     comes back from the machine)."""
     import torch
 
+    from pqmim_kernels.cli.refine import source_variants, stored_variants
     from pqmim_kernels.models import load_model, save_model
     from pqmim_kernels.models.refine import RefineConfig, refine_decoder, refine_encoder
     from pqmim_kernels.models.train import split_holdout
@@ -211,11 +212,13 @@ def cmd_refine(args) -> None:
         val_every=args.val_every,
         save_every=args.ckpt_every,
     )
-    refine = refine_encoder if encoder else refine_decoder
-    refined = refine(model, train, held, cfg, out, log=lambda s: print(s, flush=True))
     keep = getattr(args, "keep_variant", None)
-    variants = {keep: model.cpu()} if keep else None
-    save_model(refined.cpu(), out / "model.pt", extra=refined.training_info, variants=variants)
+    variants = source_variants(args.model, keep)
+    refine = refine_encoder if encoder else refine_decoder
+    refined = refine(model, train, held, cfg, out, log=lambda s: print(s, flush=True)).cpu()
+    part = "encoder" if encoder else "decoder"
+    variants = stored_variants(variants, refined, part, keep, model.cpu())
+    save_model(refined, out / "model.pt", extra=refined.training_info, variants=variants)
     stored = load_model(out / "model.pt")
     summary = {
         "model": args.model,

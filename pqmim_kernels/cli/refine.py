@@ -6,14 +6,16 @@ those codes (:mod:`pqmim_kernels.models.refine`); held-out photos (every 10th) a
 along the way. The encoder, quantizer and entropy model are unchanged, so files cost the same
 bits; the refined model has a new model id. ``--keep-variant NAME`` stores the source model's
 decoder in the new file too, so the files the source model wrote still decode from it
-(``load_model(FILE, variant=NAME)``; how the bundled presets retire a model).
+(``load_model(FILE, variant=NAME)``; how the bundled presets retire a model). Variants the
+source file holds already are carried into the new file.
 
 Fine-tunes only the model's encoder against its frozen quantizer and decoder, so that the
 nearest codewords of its latents decode better: the decoder-aware search of ``pqmim compress
 --latent-steps``, learned once (:func:`pqmim_kernels.models.refine.refine_encoder`); held-out
 photos (every 10th) are measured along the way. No decoder runs the encoder, so the new model
 decodes exactly like the old one and reads its files too (it lists the old model id as an
-alias): nothing needs retiring.
+alias): nothing needs retiring. Variants the source file holds are carried into the new file,
+each with the new encoder and its own old id as an alias.
 """
 
 from __future__ import annotations
@@ -85,6 +87,32 @@ def register(subparsers) -> None:
     e.set_defaults(func=run_encoder)
 
 
+def source_variants(name_or_path, keep: str | None = None) -> dict:
+    """The variants stored in the file of the model ``--model`` names, to be carried into the
+    file written from it (``{}`` when ``--model`` names a variant itself: the new file is then
+    that variant's descendant, not its file's); see :func:`~pqmim_kernels.models.load_variants`.
+    ``keep``: the ``--keep-variant`` name, refused if the file holds a variant of that name."""
+    from pqmim_kernels.models import load_variants, presets
+
+    preset = presets.find(str(name_or_path)) if name_or_path is not None else None
+    held = {} if preset is not None and preset.variant else load_variants(name_or_path)
+    if keep is not None and keep in held:
+        raise ValueError(f"--keep-variant {keep}: the source file already holds a variant {keep}")
+    return held
+
+
+def stored_variants(variants: dict, refined, part: str, keep=None, source=None) -> dict | None:
+    """What ``save_model(refined, variants=...)`` stores: the source file's ``variants`` carried
+    (:func:`~pqmim_kernels.models.refine.carried_variants`) and, with ``keep``, the ``source``
+    model under that name; None when there are none."""
+    from pqmim_kernels.models.refine import carried_variants
+
+    out = carried_variants(variants, refined, part)
+    if keep:
+        out[keep] = source
+    return out or None
+
+
 def _refine(args, part: str):
     """Run ``refine_decoder`` or ``refine_encoder`` (``part``) as the arguments say and write
     ``--out``; returns ``(the model as stored, the source model, its variant name or None)``."""
@@ -109,9 +137,10 @@ def _refine(args, part: str):
     model = load_model(args.model, device=args.device)
     train, held = split_holdout(load_images(args.data, args.max_images), 10)
     refine = refine_decoder if part == "decoder" else refine_encoder
-    refined = refine(model, train, held, cfg, args.run_dir, log=print)
     keep = getattr(args, "keep_variant", None)
-    variants = {keep: model} if keep else None
+    variants = source_variants(args.model, keep)
+    refined = refine(model, train, held, cfg, args.run_dir, log=print)
+    variants = stored_variants(variants, refined, part, keep, model)
     save_model(refined, Path(args.out), extra=refined.training_info, variants=variants)
     # the id of what was stored (fp16), not of the fp32 copy
     return load_model(Path(args.out)), model, keep

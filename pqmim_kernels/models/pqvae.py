@@ -243,6 +243,7 @@ class Decoder(nn.Module):
         _check_arch(stem, res_blocks, res_blocks_8, attention_blocks)
         c1, c2, c3, c4 = channels
         e16, e8, e4 = check_block_counts(extra_blocks, "PQ-VAE: extra_blocks")
+        self.extra_blocks = (e16, e8, e4)
         if stem == "conv":
             tail = [_up(c1, 3)]
         else:
@@ -285,14 +286,16 @@ class Decoder(nn.Module):
         return tags
 
     @classmethod
-    def from_config(cls, config) -> Decoder:
-        """g_s of a :class:`PQMIMConfig`."""
+    def from_config(cls, config, extra_blocks: tuple[int, int, int] | None = None) -> Decoder:
+        """g_s of a :class:`PQMIMConfig`, with ``extra_blocks`` instead of the config's
+        ``decoder_extra_blocks`` when given (a second decoder of other size reading the same
+        codes, e.g. a perceptual one)."""
         a = _arch(config)
         return cls(
             a.pop("channels"),
             a.pop("latent_dim"),
             a.pop("res_blocks"),
-            extra_blocks=config.decoder_extra_blocks,
+            extra_blocks=config.decoder_extra_blocks if extra_blocks is None else extra_blocks,
             **a,
         )
 

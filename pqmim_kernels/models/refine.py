@@ -121,7 +121,8 @@ def code_images(model: PQMIM, images: list) -> list[tuple[torch.Tensor, torch.Te
 def refined_model(model: PQMIM, extra_blocks: tuple[int, int, int]) -> PQMIM:
     """A copy of ``model`` whose decoder has ``extra_blocks`` more residual blocks at strides 16,
     8, 4 (each the identity until trained); everything else (encoder, quantizer, entropy model
-    and its integer export) is the same. Eval mode, on ``model``'s device."""
+    and its integer export, and the perceptual decoder if any: the codes do not change, so it
+    reads the new model's files too) is the same. Eval mode, on ``model``'s device."""
     have = model.config.decoder_extra_blocks
     total = tuple(a + b for a, b in zip(have, extra_blocks))
     config = dataclasses.replace(model.config, decoder_extra_blocks=total)
@@ -135,6 +136,8 @@ def refined_model(model: PQMIM, extra_blocks: tuple[int, int, int]) -> PQMIM:
     if int_state is not None:
         new.set_int_entropy_model(*int_state)
     new.training_info = dict(getattr(model, "training_info", {}) or {})
+    if model.perceptual_decoder is not None:
+        new.perceptual_decoder = copy.deepcopy(model.perceptual_decoder)
     device = next(model.parameters()).device
     return new.to(device).eval()
 
@@ -256,11 +259,40 @@ def refined_encoder_model(model: PQMIM) -> PQMIM:
     """A copy of ``model`` (eval mode, on its device) that reads ``model``'s files: the same
     weights, integer entropy model and perceptual decoder (if any), with ``model``'s id among
     its :attr:`~PQMIM.aliases`."""
-    new = refined_model(model, (0, 0, 0))  # no blocks grown: the same decoder, copied
-    if model.perceptual_decoder is not None:  # the same codes: it decodes the new files too
-        new.perceptual_decoder = copy.deepcopy(model.perceptual_decoder).to(new._device())
+    new = refined_model(model, (0, 0, 0))  # no blocks grown: the same decoders, copied
     new.add_alias(model)
     return new
+
+
+def carried_variants(variants: dict, new: PQMIM, part: str, half: bool = True) -> dict:
+    """The variants of the file a model came from (``{name: PQMIM}``, :func:`load_variants`),
+    made fit to be stored beside ``new``, the model that ``part`` of it was trained into, so that
+    every file a variant wrote keeps decoding from the new file: ``"decoder"``
+    (:func:`refine_decoder`: the same codes) as they are; ``"perceptual"`` (a new perceptual
+    decoder) without the old one (the file's new one reads their codes); ``"encoder"``
+    (:func:`refine_encoder`) each given ``new``'s encoder and its own id as an alias, as
+    :func:`refined_encoder_model` does; ``new``'s encoder is first rounded in place to what
+    ``save_model(half=half)`` stores, so that each variant's model id is that of the stored
+    weights. The given models may be changed; returns a new dict."""
+    from pqmim_kernels.models import _stored
+
+    if part not in ("decoder", "encoder", "perceptual"):
+        raise ValueError(f"carried_variants: part must be decoder, encoder or perceptual: {part!r}")
+    out = {}
+    if part == "encoder" and variants:
+        with torch.no_grad():
+            new.encoder.load_state_dict(
+                {k: _stored(t, half).to(t) for k, t in new.encoder.state_dict().items()}
+            )
+    for name, v in variants.items():
+        if part == "encoder":
+            v = refined_encoder_model(v)
+            v.encoder.load_state_dict(new.encoder.state_dict())
+        elif part == "perceptual":
+            v.perceptual_decoder = None
+        v.training_info = {k: x for k, x in v.training_info.items() if k != "variant"}
+        out[name] = v
+    return out
 
 
 def refine_encoder(
