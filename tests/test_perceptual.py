@@ -2,6 +2,7 @@
 same model id; a second g_s chosen at decode time."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -429,3 +430,22 @@ def test_a_perceptual_decoder_stored_as_int8_rows(tmp_path):
     torch.save(blob, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="perceptual decoder in .*bad.pt does not load"):
         load_model(tmp_path / "bad.pt")
+
+
+def test_perceptual_blend_tool(perceptual_file, tmp_path):
+    tool = _tool("perceptual_blend")
+    path, _ = perceptual_file
+    data = _image_folder(tmp_path / "photos", n=10, shape=(48, 64, 3))  # photo 9 is held out
+    out = tmp_path / "rows.json"
+    args = ["--model", str(path), "--tuned", str(path), "--data", str(data), "--images", "3"]
+    assert tool.main([*args, "--alphas", "0,1", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    mse, zero, one = got["rows"]
+    assert got["images"] == 1 and mse["blend"] == "mse"
+    assert zero["psnr"] == pytest.approx(mse["psnr"], abs=1e-9)  # blend 0 = the MSE decoder
+    assert one["psnr"] != pytest.approx(mse["psnr"], abs=1e-6)
+    assert tool.main([*args, "--alphas", "0", "--int8", "--out", str(out)]) == 0
+    q = json.loads(out.read_text())["rows"][1]
+    assert q["int8"] and q["psnr"] == pytest.approx(mse["psnr"], abs=0.05)
+    with pytest.raises(SystemExit, match="every alpha in"):
+        tool.main([*args, "--alphas", "1.5"])
