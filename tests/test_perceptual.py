@@ -449,3 +449,34 @@ def test_perceptual_blend_tool(perceptual_file, tmp_path):
     assert q["int8"] and q["psnr"] == pytest.approx(mse["psnr"], abs=0.05)
     with pytest.raises(SystemExit, match="every alpha in"):
         tool.main([*args, "--alphas", "1.5"])
+
+
+def test_side_by_side_tool_with_the_perceptual_column(perceptual_file, tmp_path, monkeypatch):
+    from pqmim_kernels.models import presets
+    from pqmim_kernels.models.presets import Preset
+
+    with_p, without = perceptual_file
+    monkeypatch.setattr(presets, "PRESETS", (
+        Preset("tiny", str(with_p), 1, "tiny, perceptual", 0.5),
+        Preset("plain", str(without), 2, "tiny, none", 0.6)))  # fmt: skip
+    monkeypatch.setattr(presets, "RETIRED", ())
+    monkeypatch.setattr(presets, "DEFAULT_PRESET", "tiny")
+    tool = _tool("side_by_side")
+    images = _image_folder(tmp_path / "kodak", n=1, shape=(48, 64, 3))
+    out = tmp_path / "out" / "sbs"
+    args = [str(images), "--images", "0", "--crop", "32", "--out", str(out)]
+    assert tool.main([*args, "--presets", "tiny", "--perceptual"]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    (row,) = meta["rows"]
+    m = load_model(str(with_p))
+    img = np.asarray(Image.open(images / "0.png"))
+    from pqmim_kernels.evaluation.metrics import psnr
+
+    want = psnr(img, decompress_image(compress_image(img, m), m, decoder="perceptual"))
+    assert row["pqmim_perceptual_psnr"] == pytest.approx(want)
+    sheet = Image.open(out.with_suffix(".png"))
+    assert sheet.width == 5 * 32 + 4 * 4  # original | PQ-MIM | perceptual | JPEG | WebP
+    assert tool.main([*args, "--presets", "plain"]) == 0
+    assert Image.open(out.with_suffix(".png")).width == 4 * 32 + 3 * 4
+    with pytest.raises(SystemExit):
+        tool.main([*args, "--presets", "tiny,plain", "--perceptual"])

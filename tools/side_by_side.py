@@ -9,8 +9,9 @@ one with the best PSNR among those whose file is no larger than PQ-MIM's is kept
 quality 1 is larger, quality 1 is shown and its label says so (its real size is printed). Each
 row of the picture is one (image, preset): original | PQ-MIM | JPEG | WebP, a ``--crop``-pixel
 square at ``--at`` (default the centre), at native resolution, labelled with the whole file's
-size in bytes and the whole image's RGB PSNR. Writes ``OUT.png`` and ``OUT.json`` (every
-figure) and prints a table.
+size in bytes and the whole image's RGB PSNR. ``--perceptual`` adds the same file decoded with
+the preset's perceptual decoder after PQ-MIM's (every preset chosen must have one). Writes
+``OUT.png`` and ``OUT.json`` (every figure) and prints a table.
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ def main(argv=None) -> int:
     p.add_argument("--crop", type=int, default=192, help="side of the square crop (pixels)")
     p.add_argument("--at", default="", help="top-left corner 'y,x' of the crop (default centre)")
     p.add_argument("--out", required=True, help="output path without suffix (.png and .json)")
+    p.add_argument(
+        "--perceptual", action="store_true",
+        help="add a column: the same file decoded with the preset's perceptual decoder",
+    )  # fmt: skip
     args = p.parse_args(argv)
 
     folder = Path(args.images)
@@ -93,6 +98,8 @@ def main(argv=None) -> int:
     chosen = presets.names() if args.presets == "all" else tuple(args.presets.split(","))
     for name in chosen:
         presets.get(name)  # ValueError listing the presets when unknown
+        if args.perceptual and load_model(name).perceptual_decoder is None:
+            p.error(f"--perceptual: preset {name} has no perceptual decoder")
     if args.crop < 16:
         p.error(f"--crop must be at least 16, got {args.crop}")
     at = None
@@ -120,6 +127,9 @@ def main(argv=None) -> int:
         }
         for key, r in others.items():
             row.update({f"{key}_{k}": r[k] for k in ("quality", "bytes", "psnr", "fits")})
+        if args.perceptual:
+            sharp = decompress_image(data, model, decoder="perceptual")
+            row["pqmim_perceptual_psnr"] = psnr(img, sharp)
         rows.append(row)
         y, x = crop_box(img.shape, args.crop, at)
 
@@ -127,17 +137,27 @@ def main(argv=None) -> int:
             head = f"{codec} q{r['quality']}" + ("" if r["fits"] else " (smallest)")
             return [head, f"{r['bytes']:,} B, {r['psnr']:.2f} dB"]
 
-        tiles.append([
+        row_tiles = [
             _tile(img, y, x, args.crop, [path.stem, f"{img.shape[1]}x{img.shape[0]}"]),
             _tile(ours, y, x, args.crop, [f"PQ-MIM {name}", f"{len(data):,} B, "
                                           f"{row['pqmim_psnr']:.2f} dB"]),
+        ]  # fmt: skip
+        if args.perceptual:
+            row_tiles.append(_tile(sharp, y, x, args.crop, [
+                f"PQ-MIM {name} perceptual",
+                f"same file, {row['pqmim_perceptual_psnr']:.2f} dB"]))  # fmt: skip
+        tiles.append([
+            *row_tiles,
             _tile(others["jpeg"]["rec"], y, x, args.crop, label("JPEG 4:2:0", others["jpeg"])),
             _tile(others["webp"]["rec"], y, x, args.crop, label("WebP", others["webp"])),
         ])  # fmt: skip
 
     gap = 4
     tw, th = tiles[0][0].width, tiles[0][0].height
-    sheet = Image.new("RGB", (4 * tw + 3 * gap, len(tiles) * th + (len(tiles) - 1) * gap), "white")
+    cols = len(tiles[0])
+    sheet = Image.new(
+        "RGB", (cols * tw + (cols - 1) * gap, len(tiles) * th + (len(tiles) - 1) * gap), "white"
+    )
     for i, row_tiles in enumerate(tiles):
         for j, t in enumerate(row_tiles):
             sheet.paste(t, (j * (tw + gap), i * (th + gap)))
@@ -147,10 +167,13 @@ def main(argv=None) -> int:
     meta = {"crop": args.crop, "at": args.at or "centre", "jpeg": jpeg.describe(),
             "webp": webp.describe(), "rows": rows}  # fmt: skip
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
-    print("| image | preset | PQ-MIM B / dB | JPEG q, B / dB | WebP q, B / dB |")
-    print("|---|---|---:|---:|---:|")
+    extra = " perceptual dB |" if args.perceptual else ""
+    print(f"| image | preset | PQ-MIM B / dB |{extra} JPEG q, B / dB | WebP q, B / dB |")
+    print("|---|---|---:|" + ("---:|" if args.perceptual else "") + "---:|---:|")
     for r in rows:
         cells = [f"{r['pqmim_bytes']:,} / {r['pqmim_psnr']:.2f}"]
+        if args.perceptual:
+            cells.append(f"{r['pqmim_perceptual_psnr']:.2f}")
         for key in ("jpeg", "webp"):
             mark = "" if r[f"{key}_fits"] else " (over)"
             cells.append(f"q{r[f'{key}_quality']}, {r[f'{key}_bytes']:,} / "
