@@ -480,3 +480,18 @@ def test_side_by_side_tool_with_the_perceptual_column(perceptual_file, tmp_path,
     assert Image.open(out.with_suffix(".png")).width == 4 * 32 + 3 * 4
     with pytest.raises(SystemExit):
         tool.main([*args, "--presets", "tiny,plain", "--perceptual"])
+
+
+def test_decompress_perceptual_without_one_names_the_model(perceptual_file, tmp_path, capsys):
+    _, without = perceptual_file
+    img = (np.random.default_rng(1).random((32, 48, 3)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "x.png")
+    pqm = tmp_path / "x.pqm"
+    assert main(["compress", str(tmp_path / "x.png"), "-o", str(pqm), "--model", str(without)]) == 0
+    capsys.readouterr()
+    cmd = ["decompress", str(pqm), "--model", str(without), "--decoder", "perceptual"]
+    assert main([*cmd, "-o", str(tmp_path / "y.png")]) == 1
+    mid = load_model(str(without)).model_id().hex()
+    err = capsys.readouterr().err
+    assert f"--decoder perceptual: the model given (model {mid}) has no perceptual decoder" in err
+    assert "Use --decoder mse" in err and not (tmp_path / "y.png").exists()

@@ -519,6 +519,19 @@ def _reconstruct(img: np.ndarray, model) -> np.ndarray:
     return (y[0].permute(1, 2, 0).cpu() * 255.0).round().to(torch.uint8).numpy()
 
 
+def _no_perceptual(model, preset) -> str:
+    """Why ``--decoder perceptual`` cannot decode with ``model``, and which presets can."""
+    from pqmim_kernels.models import load_model, presets
+
+    which = f"preset {preset.name}" if preset is not None else "the model given"
+    have = [p.name for p in presets.every() if load_model(p.name).perceptual_decoder is not None]
+    can = f" (presets with one, each for its own files: {', '.join(have)})" if have else ""
+    return (
+        f"--decoder perceptual: {which} (model {model.model_id().hex()}) has no perceptual "
+        f"decoder{can}. Use --decoder mse, or train one with `pqmim finetune-perceptual`"
+    )
+
+
 def run_decompress(args) -> int:
     from pqmim_kernels.coding import pqm_format
 
@@ -543,10 +556,12 @@ def run_decompress(args) -> int:
     from pqmim_kernels.models import decompress_image, model_for_file
 
     if args.model is not None:
-        model = _load(args)
+        model, preset = _load(args), None
     else:
         _check_device(args)
-        model = model_for_file(data, device=args.device)[0]
+        model, preset = model_for_file(data, device=args.device)
+    if args.decoder == "perceptual" and model.perceptual_decoder is None:
+        raise ValueError(_no_perceptual(model, preset))
     t0 = time.perf_counter()
     img = decompress_image(
         data, model, fill=args.fill, seed=args.seed, iterations=args.iterations,
