@@ -56,6 +56,17 @@ def _images(n: int, seed: int = 0) -> list[torch.Tensor]:
     return out
 
 
+def _photo_folder(tmp_path, n: int = 10):
+    """A folder of ``n`` PNGs of :func:`_images` (every 10th is held out by the CLI)."""
+    from PIL import Image
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    for i, img in enumerate(_images(n)):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(data / f"{i:02d}.png")
+    return data
+
+
 # ------------------------------------------------------------------ config and grown decoder
 def test_decoder_extra_blocks_leave_old_model_ids_alone():
     assert "decoder_extra_blocks" not in PQMIMConfig().to_json()  # old ids unchanged
@@ -269,14 +280,10 @@ def test_int_tables_are_stored_narrow_and_load_exactly(tmp_path):
 
 # ------------------------------------------------------------------------------------ CLI
 def test_cli_refine_decoder(tmp_path, capsys):
-    from PIL import Image
 
     src = tmp_path / "src.pt"
     save_model(_model(), src)
-    data = tmp_path / "photos"
-    data.mkdir()
-    for i, img in enumerate(_images(10)):
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(data / f"{i:02d}.png")
+    data = _photo_folder(tmp_path)
     out = tmp_path / "refined.pt"
     args = ["refine-decoder", "--model", str(src), "--data", str(data), "--out", str(out),
             "--run-dir", str(tmp_path / "run"), "--steps", "4", "--crop", "32",
@@ -298,17 +305,13 @@ def test_cli_refine_decoder(tmp_path, capsys):
 def test_cli_refine_decoder_carries_the_source_files_variants(tmp_path, capsys):
     """Refining a model whose file holds variants (a bundled preset's, refined again) keeps
     them: every file they wrote still decodes from the new file."""
-    from PIL import Image
 
     from pqmim_kernels.models import load_variants
 
     old, new = _refined_pair(tmp_path)
     src = tmp_path / "src.pt"
     save_model(new, src, variants={"v1": old})
-    data = tmp_path / "photos"
-    data.mkdir()
-    for i, img in enumerate(_images(10)):
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(data / f"{i:02d}.png")
+    data = _photo_folder(tmp_path)
     out = tmp_path / "again.pt"
     args = ["refine-decoder", "--model", str(src), "--data", str(data), "--out", str(out),
             "--run-dir", str(tmp_path / "run"), "--steps", "2", "--crop", "32",

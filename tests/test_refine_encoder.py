@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from _tiny import TINY, make_coding_ready
-from test_refine import _images
+from test_refine import _images, _photo_folder
 
 from pqmim_kernels.cli.main import main
 from pqmim_kernels.models import (
@@ -222,14 +222,10 @@ def test_refine_encoder_trains_the_encoder_only_and_resumes(tmp_path):
 
 
 def test_cli_refine_encoder(tmp_path, capsys):
-    from PIL import Image
 
     src = tmp_path / "src.pt"
     save_model(_stored(tmp_path), src)
-    data = tmp_path / "photos"
-    data.mkdir()
-    for i, img in enumerate(_images(10)):
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(data / f"{i:02d}.png")
+    data = _photo_folder(tmp_path)
     out = tmp_path / "refined.pt"
     args = ["refine-encoder", "--model", str(src), "--data", str(data), "--out", str(out),
             "--run-dir", str(tmp_path / "run"), "--steps", "4", "--crop", "32",
@@ -249,7 +245,6 @@ def test_cli_refine_encoder(tmp_path, capsys):
 def test_cli_refine_encoder_carries_the_source_files_variants(tmp_path):
     """A variant of the source file gets the new encoder and lists its old id: the files it
     wrote still decode from the new file, with that variant."""
-    from PIL import Image
 
     from pqmim_kernels.models import load_variants
 
@@ -258,10 +253,7 @@ def test_cli_refine_encoder_carries_the_source_files_variants(tmp_path):
     src = tmp_path / "src.pt"
     save_model(grown, src, variants={"v1": old})
     grown = load_model(src)
-    data = tmp_path / "photos"
-    data.mkdir()
-    for i, img in enumerate(_images(10)):
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(data / f"{i:02d}.png")
+    data = _photo_folder(tmp_path)
     out = tmp_path / "refined.pt"
     assert main(["refine-encoder", "--model", str(src), "--data", str(data), "--out", str(out),
                  "--run-dir", str(tmp_path / "run"), "--steps", "2", "--crop", "32",
