@@ -1,6 +1,6 @@
 """Side-by-side crops: PQ-MIM against JPEG and WebP at (at most) the same file size.
 
-    python tools/side_by_side.py ../shared/data/kodak --images kodim04,kodim19,kodim23 \\
+    python tools/side_by_side.py ../shared/data/kodak --images kodim04,kodim19,kodim23 --perceptual \\
         --out results/kodak/side_by_side
 
 For every image and every bundled preset (``--presets``), the image is compressed with the
