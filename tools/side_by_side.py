@@ -1,7 +1,7 @@
 """Side-by-side crops: PQ-MIM against JPEG and WebP at (at most) the same file size.
 
-    python tools/side_by_side.py ../shared/data/kodak --images kodim04,kodim19,kodim23 --perceptual \\
-        --out results/kodak/side_by_side
+    python tools/side_by_side.py ../shared/data/kodak --images kodim04,kodim19,kodim23 \\
+        --perceptual --out results/kodak/side_by_side
 
 For every image and every bundled preset (``--presets``), the image is compressed with the
 preset (all stages); then JPEG 4:2:0 and WebP (Pillow) are encoded at every quality 1-100 and the
