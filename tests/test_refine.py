@@ -368,6 +368,15 @@ def test_grid_seams_tool(tmp_path, monkeypatch, capsys):
     assert s["model_id"] == load_model(path).model_id().hex()
     assert s["mean_seams"] == pytest.approx(np.mean([r["seams"] for r in got["rows"]]))
     assert "tiny" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--perceptual: no perceptual decoder in tiny"):
+        tool.main([str(folder), "--presets", "tiny", "--out", str(out), "--perceptual"])
+    m = load_model(path)
+    m.perceptual_decoder = refined_model(m, (0, 0, 0)).decoder  # a copy: decodes as the MSE one
+    save_model(m, path)
+    assert tool.main([str(folder), "--out", str(out), "--perceptual", "--no-jpeg"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert all(r["perceptual_seams"] == pytest.approx(r["seams"]) for r in rows)
+    assert "perceptual PSNR / seams" in capsys.readouterr().out
 
 
 def _gpu_train_tool():

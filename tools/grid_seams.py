@@ -7,7 +7,9 @@ For every image and preset (all stages, nearest codewords), ``grid_blockiness`` 
 (:mod:`pqmim_kernels.evaluation.metrics`: mean luma step across the 16-px grid lines relative to
 the other steps, divided by the same ratio of the original; 1.0 = no seam). For scale, JPEG 4:2:0
 (whose 16-px macroblocks lie on the same grid) at the best quality whose file is no larger is
-measured too. Prints a table (mean and worst image per preset) and writes every figure as JSON.
+measured too. ``--perceptual``: the same file decoded with the preset's perceptual decoder
+too (presets without one are refused). Prints a table (mean and worst image per preset) and
+writes every figure as JSON.
 """
 
 from __future__ import annotations
@@ -36,12 +38,19 @@ def main(argv=None) -> int:
     p.add_argument("--presets", default=",".join(presets.names()), help="comma-separated presets")
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--no-jpeg", action="store_true", help="skip the JPEG reference")
+    p.add_argument(
+        "--perceptual", action="store_true",
+        help="also decode each file with the preset's perceptual decoder",
+    )  # fmt: skip
     args = p.parse_args(argv)
     files = sorted(Path(args.images).glob("*.png"))
     if not files:
         raise SystemExit(f"grid_seams: no .png images in {args.images}")
     names = [n for n in args.presets.split(",") if n]
     models = {n: preset_model(presets.get(n)) for n in names}
+    lacking = [n for n, m in models.items() if m.perceptual_decoder is None]
+    if args.perceptual and lacking:
+        raise SystemExit(f"grid_seams: --perceptual: no perceptual decoder in {', '.join(lacking)}")
     jpeg = None if args.no_jpeg else PillowJPEG()
     rows = []
     for path in tqdm(files, desc="grid seams", unit="image", file=sys.stderr):
@@ -51,6 +60,10 @@ def main(argv=None) -> int:
             rec = decompress_image(data, model)
             row = {"image": path.name, "preset": name, "bytes": len(data),
                    "psnr": psnr(img, rec), "seams": grid_blockiness(img, rec)}  # fmt: skip
+            if args.perceptual:
+                sharp = decompress_image(data, model, decoder="perceptual")
+                row.update(perceptual_psnr=psnr(img, sharp),
+                           perceptual_seams=grid_blockiness(img, sharp))  # fmt: skip
             if jpeg is not None:
                 best = None
                 for q in range(1, 101):
@@ -75,17 +88,23 @@ def main(argv=None) -> int:
         }
         if jpeg is not None:
             summary[name]["jpeg_mean_seams"] = float(np.mean([r["jpeg_seams"] for r in mine]))
+        if args.perceptual:
+            for k in ("perceptual_seams", "perceptual_psnr"):
+                summary[name][f"mean_{k}"] = float(np.mean([r[k] for r in mine]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"images_dir": args.images, "summary": summary, "rows": rows},
                               indent=1) + "\n")  # fmt: skip
     print(f"{'preset':>12} {'model':>6} {'PSNR':>6} {'seams':>6} {'worst':>14}"
-          + ("  JPEG<=size seams" if jpeg is not None else ""))  # fmt: skip
+          + ("  JPEG<=size seams" if jpeg is not None else "")
+          + ("  perceptual PSNR / seams" if args.perceptual else ""))  # fmt: skip
     for name, s in summary.items():
         line = (f"{name:>12} {s['model_id']:>6} {s['mean_psnr']:6.2f} {s['mean_seams']:6.3f} "
                 f"{s['worst_seams']:6.3f} {s['worst_image']:>7}")  # fmt: skip
         if jpeg is not None:
             line += f"  {s['jpeg_mean_seams']:6.3f}"
+        if args.perceptual:
+            line += f"  {s['mean_perceptual_psnr']:6.2f} / {s['mean_perceptual_seams']:6.3f}"
         print(line)
     return 0
 
