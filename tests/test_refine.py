@@ -279,15 +279,18 @@ def test_int_tables_are_stored_narrow_and_load_exactly(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ CLI
-def test_cli_refine_decoder(tmp_path, capsys):
+def _decoder_args(src, data, out, tmp_path, steps: int, blocks: str) -> list[str]:
+    return ["refine-decoder", "--model", str(src), "--data", str(data), "--out", str(out),
+            "--run-dir", str(tmp_path / "run"), "--steps", str(steps), "--crop", "32",
+            "--batch-size", "2", "--extra-blocks", blocks]  # fmt: skip
 
+
+def test_cli_refine_decoder(tmp_path, capsys):
     src = tmp_path / "src.pt"
     save_model(_model(), src)
     data = _photo_folder(tmp_path)
     out = tmp_path / "refined.pt"
-    args = ["refine-decoder", "--model", str(src), "--data", str(data), "--out", str(out),
-            "--run-dir", str(tmp_path / "run"), "--steps", "4", "--crop", "32",
-            "--batch-size", "2", "--extra-blocks", "1,0,0"]  # fmt: skip
+    args = _decoder_args(src, data, out, tmp_path, 4, "1,0,0")
     assert main([*args, "--keep-variant", "first"]) == 0
     said = capsys.readouterr().out
     old, new = load_model(src), load_model(out)
@@ -305,7 +308,6 @@ def test_cli_refine_decoder(tmp_path, capsys):
 def test_cli_refine_decoder_carries_the_source_files_variants(tmp_path, capsys):
     """Refining a model whose file holds variants (a bundled preset's, refined again) keeps
     them: every file they wrote still decodes from the new file."""
-
     from pqmim_kernels.models import load_variants
 
     old, new = _refined_pair(tmp_path)
@@ -313,9 +315,7 @@ def test_cli_refine_decoder_carries_the_source_files_variants(tmp_path, capsys):
     save_model(new, src, variants={"v1": old})
     data = _photo_folder(tmp_path)
     out = tmp_path / "again.pt"
-    args = ["refine-decoder", "--model", str(src), "--data", str(data), "--out", str(out),
-            "--run-dir", str(tmp_path / "run"), "--steps", "2", "--crop", "32",
-            "--batch-size", "2", "--extra-blocks", "0,1,0"]  # fmt: skip
+    args = _decoder_args(src, data, out, tmp_path, 2, "0,1,0")
     assert main([*args, "--keep-variant", "v2"]) == 0
     held = load_variants(out)
     assert sorted(held) == ["v1", "v2"]

@@ -222,7 +222,6 @@ def test_refine_encoder_trains_the_encoder_only_and_resumes(tmp_path):
 
 
 def test_cli_refine_encoder(tmp_path, capsys):
-
     src = tmp_path / "src.pt"
     save_model(_stored(tmp_path), src)
     data = _photo_folder(tmp_path)
@@ -245,7 +244,6 @@ def test_cli_refine_encoder(tmp_path, capsys):
 def test_cli_refine_encoder_carries_the_source_files_variants(tmp_path):
     """A variant of the source file gets the new encoder and lists its old id: the files it
     wrote still decode from the new file, with that variant."""
-
     from pqmim_kernels.models import load_variants
 
     old = _stored(tmp_path)
