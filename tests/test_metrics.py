@@ -155,3 +155,29 @@ def test_grid_blockiness_sees_seams_and_not_smooth_images():
         grid_steps(smooth.astype(np.float32))
     with pytest.raises(ValueError, match="shape mismatch"):
         grid_blockiness(smooth, smooth[:32])
+
+
+def test_periodic_excess_sees_a_repeating_pattern():
+    from pqmim_kernels.evaluation.metrics import periodic_excess, periodic_peak
+
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:64, 0:96]
+    photo = np.clip(90 + xx + 0.7 * yy + rng.normal(0, 6, xx.shape), 0, 255)
+    base = photo.round().astype(np.uint8)
+    dots = 12.0 * ((yy % 4 == 0) & (xx % 4 == 0))  # a dot every 4 px, as a checkerboard decoder
+    dotted = np.clip(photo + dots, 0, 255).round().astype(np.uint8)
+    assert periodic_excess(base, base, 4) == 1.0
+    assert periodic_excess(base, dotted, 4) > 20  # the dots' period
+    assert periodic_excess(base, dotted, 8) == pytest.approx(1.0, abs=0.2)  # not an 8-px one
+    assert periodic_excess(base, dotted, 16) == pytest.approx(1.0, abs=0.2)
+    rgb = np.stack([base] * 3, -1)
+    assert periodic_peak(rgb, 8) == pytest.approx(periodic_peak(base, 8))
+    assert periodic_peak(base[:63, :95], 4) > 0  # cropped to whole periods
+    with pytest.raises(ValueError, match="smaller than two 16-px periods"):
+        periodic_peak(base[:20], 16)
+    with pytest.raises(ValueError, match="period must be an int >= 2"):
+        periodic_peak(base, 1)
+    with pytest.raises(TypeError, match="uint8"):
+        periodic_peak(base.astype(np.float32), 4)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        periodic_excess(base, base[:32], 4)

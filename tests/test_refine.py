@@ -376,6 +376,9 @@ def test_grid_seams_tool(tmp_path, monkeypatch, capsys):
     assert tool.main([str(folder), "--out", str(out), "--perceptual", "--no-jpeg"]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert all(r["perceptual_seams"] == pytest.approx(r["seams"]) for r in rows)
+    assert all(r["perceptual_periodic"] == pytest.approx(r["periodic"]) for r in rows)
+    assert set(rows[0]["periodic"]) == {"2", "4", "8", "16"}
+    assert json.loads(out.read_text())["summary"]["tiny"]["geomean_periodic"]["16"] > 0
     assert "perceptual PSNR / seams" in capsys.readouterr().out
 
 

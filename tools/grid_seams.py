@@ -8,8 +8,11 @@ For every image and preset (all stages, nearest codewords), ``grid_blockiness`` 
 the other steps, divided by the same ratio of the original; 1.0 = no seam). For scale, JPEG 4:2:0
 (whose 16-px macroblocks lie on the same grid) at the best quality whose file is no larger is
 measured too. ``--perceptual``: the same file decoded with the preset's perceptual decoder
-too (presets without one are refused). Prints a table (mean and worst image per preset) and
-writes every figure as JSON.
+too (presets without one are refused). Each decode also gets ``periodic_excess`` at periods 2,
+4, 8 and 16 px (how much more a pattern of that period stands out of the spectrum around it
+than in the original: the token grid and its 8-px half, a transposed convolution's
+checkerboard); the summary gives their geometric means. Prints a table (mean and worst image per preset) and writes every figure as
+JSON.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+PERIODS = (2, 4, 8, 16)
 sys.path.insert(0, str(ROOT))
 
 
@@ -30,7 +34,10 @@ def main(argv=None) -> int:
 
     from pqmim_kernels.cli.codec import read_image
     from pqmim_kernels.evaluation.codecs import PillowJPEG
-    from pqmim_kernels.evaluation.metrics import grid_blockiness, psnr
+    from pqmim_kernels.evaluation.metrics import grid_blockiness, periodic_excess, psnr
+
+    def periodic(img, rec) -> dict:
+        return {str(k): periodic_excess(img, rec, k) for k in PERIODS}
     from pqmim_kernels.models import compress_image, decompress_image, preset_model, presets
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -59,11 +66,13 @@ def main(argv=None) -> int:
             data = compress_image(img, model)
             rec = decompress_image(data, model)
             row = {"image": path.name, "preset": name, "bytes": len(data),
-                   "psnr": psnr(img, rec), "seams": grid_blockiness(img, rec)}  # fmt: skip
+                   "psnr": psnr(img, rec), "seams": grid_blockiness(img, rec),
+                   "periodic": periodic(img, rec)}  # fmt: skip
             if args.perceptual:
                 sharp = decompress_image(data, model, decoder="perceptual")
                 row.update(perceptual_psnr=psnr(img, sharp),
-                           perceptual_seams=grid_blockiness(img, sharp))  # fmt: skip
+                           perceptual_seams=grid_blockiness(img, sharp),
+                           perceptual_periodic=periodic(img, sharp))  # fmt: skip
             if jpeg is not None:
                 best = None
                 for q in range(1, 101):
@@ -88,6 +97,11 @@ def main(argv=None) -> int:
         }
         if jpeg is not None:
             summary[name]["jpeg_mean_seams"] = float(np.mean([r["jpeg_seams"] for r in mine]))
+        for key in ("periodic", "perceptual_periodic") if args.perceptual else ("periodic",):
+            summary[name][f"geomean_{key}"] = {
+                str(k): float(np.exp(np.mean([np.log(r[key][str(k)]) for r in mine])))
+                for k in PERIODS
+            }
         if args.perceptual:
             for k in ("perceptual_seams", "perceptual_psnr"):
                 summary[name][f"mean_{k}"] = float(np.mean([r[k] for r in mine]))
@@ -106,6 +120,12 @@ def main(argv=None) -> int:
         if args.perceptual:
             line += f"  {s['mean_perceptual_psnr']:6.2f} / {s['mean_perceptual_seams']:6.3f}"
         print(line)
+    print(f"periodic excess (geometric mean; periods {', '.join(map(str, PERIODS))} px)")
+    for name, s in summary.items():
+        for key in ("periodic", "perceptual_periodic"):
+            if f"geomean_{key}" in s:
+                vals = " ".join(f"{v:7.2f}" for v in s[f"geomean_{key}"].values())
+                print(f"{name:>12} {'MSE' if key == 'periodic' else 'perceptual':>10} {vals}")
     return 0
 
 

@@ -160,6 +160,16 @@ def ms_ssim_db(value: float) -> float:
     return -10.0 * math.log10(1.0 - value)
 
 
+def _luma(img: np.ndarray, what: str) -> np.ndarray:
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
+        raise TypeError(f"{what}: img must be a uint8 numpy array")
+    if img.ndim == 3 and img.shape[2] == 3:
+        return img.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
+        return img.reshape(img.shape[0], img.shape[1]).astype(np.float64)
+    raise ValueError(f"{what}: img must be (H, W) or (H, W, 1|3), got {img.shape}")
+
+
 def grid_steps(img: np.ndarray, period: int = 16) -> float:
     """How much larger the luma steps across the lines of a ``period``-pixel grid are than the
     steps between other neighbouring pixels: ``mean |step| across grid lines / mean |step|
@@ -167,14 +177,7 @@ def grid_steps(img: np.ndarray, period: int = 16) -> float:
     ``(H, W, 3)`` image of at least 2 periods per side). About 1.0 for a photo; a codec that
     works in ``period``-pixel tokens or blocks and leaves seams between them scores above its
     original's value (:func:`grid_blockiness`)."""
-    if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
-        raise TypeError("grid_steps: img must be a uint8 numpy array")
-    if img.ndim == 3 and img.shape[2] == 3:
-        luma = img.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    elif img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
-        luma = img.reshape(img.shape[0], img.shape[1]).astype(np.float64)
-    else:
-        raise ValueError(f"grid_steps: img must be (H, W) or (H, W, 1|3), got {img.shape}")
+    luma = _luma(img, "grid_steps")
     if isinstance(period, bool) or not isinstance(period, int) or period < 2:
         raise ValueError(f"grid_steps: period must be an int >= 2, got {period!r}")
     h, w = luma.shape
@@ -188,6 +191,41 @@ def grid_steps(img: np.ndarray, period: int = 16) -> float:
         on_sum, on_n = on_sum + d[:, line].sum(), on_n + d[:, line].size
         off_sum, off_n = off_sum + d[:, ~line].sum(), off_n + d[:, ~line].size
     return float((on_sum / on_n) / max(off_sum / off_n, 1e-12))
+
+
+def periodic_peak(img: np.ndarray, period: int) -> float:
+    """How strongly a ``period``-pixel pattern repeats over a ``uint8`` ``(H, W)`` or
+    ``(H, W, 3)`` image: the power spectrum of its mean-free, Hann-windowed BT.601 luma (cropped
+    to whole periods, at least 2 per side) at the pattern's three fundamentals (vertical,
+    horizontal, diagonal), over the median power of the frequencies that share their row or
+    column; about 1 for noise. Compare against the original with :func:`periodic_excess`: a
+    grid of ``period``-pixel tokens, or a transposed convolution's checkerboard, raises it."""
+    luma = _luma(img, "periodic_peak")
+    if isinstance(period, bool) or not isinstance(period, int) or period < 2:
+        raise ValueError(f"periodic_peak: period must be an int >= 2, got {period!r}")
+    h, w = (n - n % period for n in luma.shape)
+    if min(h, w) < 2 * period:
+        raise ValueError(
+            f"periodic_peak: image {luma.shape[0]}x{luma.shape[1]} is smaller than two "
+            f"{period}-px periods"
+        )
+    y = luma[:h, :w] - luma[:h, :w].mean()
+    # a Hann window: the image's edges would otherwise put a cross of power on both axes
+    y = y * np.outer(np.hanning(h), np.hanning(w))
+    power = np.abs(np.fft.fft2(y)) ** 2
+    fy, fx = h // period, w // period
+    peak = power[fy, 0] + power[0, fx] + power[fy, fx]
+    band = np.concatenate([power[fy, 1 : w // 2], power[1 : h // 2, fx]])
+    return float(peak / (3 * max(np.median(band), 1e-12)))
+
+
+def periodic_excess(original: np.ndarray, decoded: np.ndarray, period: int) -> float:
+    """``periodic_peak(decoded) / periodic_peak(original)`` (both ``uint8``, same shape): 1.0 = a
+    ``period``-pixel pattern stands out of the spectrum around it no more than in the original;
+    10 = ten times as much. A blurry decode has little power around a high-frequency peak, so a
+    faint pattern there stands out more: read it beside the decode's sharpness."""
+    _check_pair(original, decoded, "periodic_excess")
+    return periodic_peak(decoded, period) / max(periodic_peak(original, period), 1e-12)
 
 
 def grid_blockiness(original: np.ndarray, decoded: np.ndarray, period: int = 16) -> float:
