@@ -11,8 +11,8 @@ measured too. ``--perceptual``: the same file decoded with the preset's perceptu
 too (presets without one are refused). Each decode also gets ``periodic_excess`` at periods 2,
 4, 8 and 16 px (how much more a pattern of that period stands out of the spectrum around it
 than in the original: the token grid and its 8-px half, a transposed convolution's
-checkerboard); the summary gives their geometric means. Prints a table (mean and worst image per preset) and writes every figure as
-JSON.
+checkerboard); the summary gives their geometric means. Prints a table (mean and worst image
+per preset) and writes every figure as JSON.
 """
 
 from __future__ import annotations
