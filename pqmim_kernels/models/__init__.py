@@ -103,15 +103,15 @@ def save_model(
     if int_state is not None:
         blob["int_entropy_model"] = {"tensors": int_state[0], "meta": int_state[1]}
     if model.perceptual_decoder is not None:
-        state = model.perceptual_decoder.state_dict()
+        perceptual = model.perceptual_decoder.state_dict()
         if perceptual_int8 is None:  # as it was loaded
             perceptual_int8 = bool(getattr(model.perceptual_decoder, STORED_INT8, False))
         if perceptual_int8:  # another key: a release that cannot read it sees no such decoder
-            blob["perceptual_decoder_q"] = _int8_rows(state)
+            blob["perceptual_decoder_q"] = _int8_rows(perceptual)
         else:
             blob["perceptual_decoder"] = {
                 k: v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu()
-                for k, v in state.items()
+                for k, v in perceptual.items()
             }
         # its own size: it may have fewer extra blocks than the MSE decoder (the config's)
         blob["perceptual_decoder_blocks"] = list(_perceptual_blocks(model))
@@ -254,7 +254,12 @@ def load_model(
                 f"load_model: preset {preset.name} is variant {preset.variant!r}, not {variant!r}"
             )
         variant = preset.variant
-    blob = _read_model_file(path)
+    return _model_from_blob(_read_model_file(path), path, variant).to(device).eval()
+
+
+def _model_from_blob(blob: dict, path: Path, variant: str | None) -> PQMIM:
+    """The model (or its ``variant``) a checked model file holds (:func:`_read_model_file`),
+    fp32, on the CPU; ``ValueError`` as :func:`load_model` documents."""
     config, state = blob["config"], dict(blob["state_dict"])
     entry = None
     if variant is not None:
@@ -286,7 +291,7 @@ def load_model(
                 f"{entry['model_id']} it was saved with: the file is damaged"
             )
         model.training_info = {**model.training_info, "variant": variant}
-    return model.to(device).eval()
+    return model
 
 
 def _model_path(name_or_path, caller: str) -> tuple[presets.Preset | None, Path]:
@@ -334,8 +339,9 @@ def load_variants(name_or_path: str | os.PathLike | None = None, device: str = "
     :func:`save_model` (``variants=``) when rewriting the file with a model whose encoder,
     quantizer and entropy model did not change, so that the files they wrote keep decoding."""
     _, path = _model_path(name_or_path, "load_variants")
-    held = _read_model_file(path).get("variants") or {}
-    return {name: load_model(path, device, variant=name) for name in sorted(held)}
+    blob = _read_model_file(path)  # once, for every variant
+    held = blob.get("variants") or {}
+    return {name: _model_from_blob(blob, path, name).to(device).eval() for name in sorted(held)}
 
 
 def _stored_perceptual(blob: dict, config: PQMIMConfig, path) -> torch.nn.Module:
