@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     from pqmim_kernels.cli.codec import read_image
     from pqmim_kernels.evaluation.codecs import PillowJPEG, PillowWebP
     from pqmim_kernels.evaluation.metrics import psnr
-    from pqmim_kernels.models import compress_image, decompress_image, load_model, presets
+    from pqmim_kernels.models import compress_image, decompress_image, preset_model, presets
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("images", help="a folder of PNG images (e.g. ../shared/data/kodak)")
@@ -97,8 +97,8 @@ def main(argv=None) -> int:
         p.error(f"no such image: {', '.join(missing)}")
     chosen = presets.names() if args.presets == "all" else tuple(args.presets.split(","))
     for name in chosen:
-        presets.get(name)  # ValueError listing the presets when unknown
-        if args.perceptual and load_model(name).perceptual_decoder is None:
+        preset = presets.get(name)  # ValueError listing the presets when unknown
+        if args.perceptual and preset_model(preset).perceptual_decoder is None:
             p.error(f"--perceptual: preset {name} has no perceptual decoder")
     if args.crop < 16:
         p.error(f"--crop must be at least 16, got {args.crop}")
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     work = [(path, name) for path in paths for name in chosen]
     for path, name in tqdm(work, desc="side by side", unit="row"):
         img = read_image(str(path))
-        model = load_model(name)
+        model = preset_model(presets.get(name))  # loaded once per preset
         data = compress_image(img, model)
         ours = decompress_image(data, model)
         row = {"image": path.stem, "preset": name, "pqmim_bytes": len(data),

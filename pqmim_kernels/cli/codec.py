@@ -521,10 +521,10 @@ def _reconstruct(img: np.ndarray, model) -> np.ndarray:
 
 def _no_perceptual(model, preset) -> str:
     """Why ``--decoder perceptual`` cannot decode with ``model``, and which presets can."""
-    from pqmim_kernels.models import load_model, presets
+    from pqmim_kernels.models import preset_model, presets
 
     which = f"preset {preset.name}" if preset is not None else "the model given"
-    have = [p.name for p in presets.every() if load_model(p.name).perceptual_decoder is not None]
+    have = [p.name for p in presets.every() if preset_model(p).perceptual_decoder is not None]
     can = f" (presets with one, each for its own files: {', '.join(have)})" if have else ""
     return (
         f"--decoder perceptual: {which} (model {model.model_id().hex()}) has no perceptual "
