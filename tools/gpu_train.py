@@ -260,40 +260,37 @@ def main(argv=None) -> int:
     t.add_argument("--compile", action="store_true")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
-    r = sub.add_parser("refine", help="refine a model's decoder on its fixed codes (on a GPU)")
-    r.add_argument("--pack", default=str(ROOT / "carry" / "train_pack.tar"))
-    r.add_argument("--model", default="medium", help="a preset name or a model file")
-    r.add_argument("--out", required=True)
-    r.add_argument("--device", default="cuda")
-    r.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget")
+    def refine_parser(name: str, help: str, model: str, lr: float):
+        """The options ``refine`` and ``refine-encoder`` share."""
+        q = sub.add_parser(name, help=help)
+        q.add_argument("--pack", default=str(ROOT / "carry" / "train_pack.tar"))
+        q.add_argument("--model", default=model, help="a preset name or a model file")
+        q.add_argument("--out", required=True)
+        q.add_argument("--device", default="cuda")
+        q.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget")
+        q.add_argument("--batch", type=int, default=32)
+        q.add_argument("--crop", type=int, default=256)
+        q.add_argument("--lr", type=float, default=lr)
+        q.add_argument("--val-every", type=int, default=1000)
+        q.add_argument("--ckpt-every", type=int, default=1000)
+        q.set_defaults(func=cmd_refine)
+        return q
+
+    r = refine_parser(
+        "refine", "refine a model's decoder on its fixed codes (on a GPU)", "medium", 2e-4
+    )
     r.add_argument(
         "--extra-blocks",
         type=int_list(3, "--extra-blocks (strides 16, 8, 4)", 0),
         default="2,2,1",
         help="blocks to add at strides 16,8,4",
     )
-    r.add_argument("--batch", type=int, default=32)
-    r.add_argument("--crop", type=int, default=256)
-    r.add_argument("--lr", type=float, default=2e-4)
-    r.add_argument("--val-every", type=int, default=1000)
-    r.add_argument("--ckpt-every", type=int, default=1000)
     r.add_argument("--keep-variant", default=None, help="store the source model as this variant")
-    r.set_defaults(func=cmd_refine)
-    e = sub.add_parser(
-        "refine-encoder", help="fine-tune a model's encoder for its frozen decoder (on a GPU)"
-    )
-    e.add_argument("--pack", default=str(ROOT / "carry" / "train_pack.tar"))
-    e.add_argument("--model", default="high", help="a preset name or a model file")
-    e.add_argument("--out", required=True)
-    e.add_argument("--device", default="cuda")
-    e.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget")
-    e.add_argument("--batch", type=int, default=32)
-    e.add_argument("--crop", type=int, default=256)
-    e.add_argument("--lr", type=float, default=1e-4)
+    e = refine_parser(
+        "refine-encoder", "fine-tune a model's encoder for its frozen decoder (on a GPU)", "high",
+        1e-4,
+    )  # fmt: skip
     e.add_argument("--rate-weight", type=float, default=0.004)
-    e.add_argument("--val-every", type=int, default=1000)
-    e.add_argument("--ckpt-every", type=int, default=1000)
-    e.set_defaults(func=cmd_refine)
     args = p.parse_args(argv)
     args.func(args)
     return 0
